@@ -1,0 +1,1 @@
+"""Model families (clip/, later dit/ and vlm/) and the blocks they share (common/)."""

@@ -1,0 +1,1 @@
+from models.clip.config import CLIPConfig, TextConfig, VisionConfig  # noqa: F401

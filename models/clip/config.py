@@ -1,0 +1,71 @@
+"""CLIP model configuration, with NeMo's key names (model.vision.*, model.text.*)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VisionConfig:
+    """ViT image tower. Sizes per model live in configs/clip/<size>.yaml."""
+
+    patch_dim: int = 16
+    img_h: int = 224
+    img_w: int = 224
+    num_channels: int = 3
+    image_mean: Optional[list] = None  # None -> the CLIP mean; used by the data transforms
+    image_std: Optional[list] = None
+    # NeMo's yaml pads with 8 class tokens; 1 matches open_clip and the parameter counts of NeMo's table.
+    class_token_length: int = 1
+    global_average_pool: bool = False  # mean over patch tokens instead of the first class token
+    output_dim: int = "${model.output_dim}"  # type: ignore[assignment]
+    num_layers: int = 12
+    hidden_size: int = 768
+    ffn_hidden_size: int = 3072
+    num_attention_heads: int = 12
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu (open_clip), quick_gelu (OpenAI weights)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_h // self.patch_dim) * (self.img_w // self.patch_dim)
+
+    @property
+    def seq_length(self) -> int:
+        return self.num_patches + self.class_token_length
+
+
+@dataclass
+class TextConfig:
+    """Causal text transformer pooled at the end-of-text token."""
+
+    vocab_size: int = 49408  # CLIP BPE; a SentencePiece run sets it from the trained tokenizer
+    encoder_seq_length: int = 77  # context length
+    output_dim: int = "${model.output_dim}"  # type: ignore[assignment]
+    num_layers: int = 12
+    hidden_size: int = 512
+    ffn_hidden_size: int = 2048
+    num_attention_heads: int = 8
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"
+    # -1: pool at the highest token id (open_clip: the CLIP BPE end-of-text id is the largest);
+    # otherwise the first position holding this id. The training script sets it from the tokenizer.
+    eot_token_id: int = -1
+    make_vocab_size_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this x TP
+
+
+@dataclass
+class CLIPConfig:
+    output_dim: int = 512
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    init_logit_scale: float = 2.6592  # ln(1/0.07), as CLIP
+    max_logit_scale: float = 100.0  # the scale is clamped to this after exp, as open_clip
+    attention_backend: str = "sdpa"  # sdpa | flash | te
+    use_flash_attention: bool = False  # NeMo's switch; true asks for flash-attn (falls back to sdpa)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)

@@ -1,0 +1,1 @@
+"""Process groups, launch environment, data parallelism and cross-rank helpers."""

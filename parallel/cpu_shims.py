@@ -1,0 +1,84 @@
+"""The few places where megatron-core 0.16 hard-codes CUDA, made to work on CPU.
+
+Applied once, explicitly, by `apply_cpu_shims()` at initialisation when the device is CPU; never on
+GPU. Each shim names the megatron-core function it replaces. `tests/unit/test_cpu_shims.py` checks
+that those functions still exist with the shape assumed here, so a megatron-core upgrade that moves
+them fails loudly instead of silently running CUDA code paths.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core.tensor_parallel import random as mcore_random
+
+_applied = False
+
+
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Replaces megatron.core.tensor_parallel.random._get_cuda_rng_state (CUDA generator only)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Replaces megatron.core.tensor_parallel.random._set_cuda_rng_state."""
+    torch.set_rng_state(new_state)
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """megatron-core's RNG tracker with the CPU generator standing in for the CUDA one.
+
+    Replaces `CudaRNGStatesTracker.add` (torch.cuda.manual_seed) and `.fork` (whose "CPU RNG state
+    changed" check is meaningless when the tracked generator *is* the CPU one). Names, seeds and the
+    get_states/set_states interface are megatron-core's, so recompute and checkpoints work unchanged.
+    """
+
+    def __init__(self):
+        super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=False)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig_state = torch.get_rng_state()
+        orig_name = self._current_state_name
+        if orig_name != "default-rng":
+            self.states_[orig_name] = orig_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if orig_name != "default-rng":
+                orig_state = self.states_[orig_name]
+            torch.set_rng_state(orig_state)
+            self._current_state_name = orig_name
+
+
+def apply_cpu_shims() -> None:
+    """Install the CPU RNG tracker and CPU RNG-state helpers in megatron-core (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    mcore_random._get_cuda_rng_state = _get_cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _applied = True
+
+
+def cpu_shims_applied() -> bool:
+    return _applied
