@@ -1,0 +1,1 @@
+"""The step engine: config, optimizer and schedule, gradients, logging, evaluation, training loop."""

@@ -1,0 +1,1 @@
+"""Per-family glue between configs, data, models and the generic `Trainer`."""

@@ -1,0 +1,153 @@
+"""CLIP pre-training: data, tokenizer, model, loss and evaluation from one `ExperimentConfig`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from data.pipeline import build_clip_dataloader, expand_shards
+from data.synthetic import generate_shapes_dataset, load_classes, read_captions
+from data.tokenizers import Tokenizer, build_tokenizer
+from data.transforms import build_image_transform
+from engine.evaluation import class_embeddings, collect_features, retrieval_recall, zero_shot_accuracy
+from engine.optim import WarmupCosineSchedule, build_optimizer
+from engine.trainer import Trainer
+from models.clip.loss import ContrastiveLoss
+from models.clip.model import CLIPModel, count_parameters
+from models.common.attention import announce_attention_backend
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class ClipData:
+    train_shards: list[str]
+    eval_shards: list[str]
+    classes: dict | None  # {"classnames": [...], "templates": [...]} for zero-shot
+    tokenizer: Tokenizer
+
+
+def _on_rank0_then_all(ctx, fn):
+    """Run `fn` on global rank 0 (e.g. write files), then let every rank continue."""
+    result = fn() if ctx.rank == 0 else None
+    dist.barrier()
+    return result
+
+
+def prepare_data(cfg, ctx) -> ClipData:
+    """Shards and tokenizer. Without `data.train_shards`, write the synthetic shapes set first."""
+    data_cfg = cfg.data
+    if data_cfg.train_shards is None:
+        syn = data_cfg.synthetic
+        _on_rank0_then_all(ctx, lambda: generate_shapes_dataset(
+            syn.out_dir, num_train=syn.num_train, num_eval=syn.num_eval, image_size=syn.image_size,
+            samples_per_shard=syn.samples_per_shard, seed=syn.seed))
+        train_spec, eval_spec = os.path.join(syn.out_dir, "train-*.tar"), os.path.join(syn.out_dir, "eval-*.tar")
+        classes_file = data_cfg.classes_file or os.path.join(syn.out_dir, "classes.json")
+        caption_source = syn.out_dir
+    else:
+        train_spec, eval_spec, classes_file = data_cfg.train_shards, data_cfg.eval_shards, data_cfg.classes_file
+        caption_source = None
+    classes = None
+    if classes_file:
+        with open(classes_file) as fh:
+            classes = json.load(fh)
+    tok_cfg = data_cfg.tokenizer
+    cache_dir = os.path.join(cfg.trainer.output_dir, "tokenizer")
+
+    def make_tokenizer():
+        texts = None
+        if tok_cfg.type == "sentencepiece" and tok_cfg.path is None:
+            if caption_source is None:
+                raise ValueError("data.tokenizer.path is required with user shards (a SentencePiece .model "
+                                 "or a CLIP BPE file); a tokenizer is trained only for the synthetic data")
+            texts = read_captions(caption_source, split="train")
+        return build_tokenizer(tok_cfg.type, tok_cfg.path, train_texts=texts, vocab_size=tok_cfg.vocab_size,
+                               cache_dir=cache_dir)
+
+    _on_rank0_then_all(ctx, make_tokenizer)  # trains and caches once
+    tokenizer = make_tokenizer()  # every rank loads the cached model
+    return ClipData(expand_shards(train_spec), expand_shards(eval_spec) if eval_spec else [], classes, tokenizer)
+
+
+def build_model(cfg, ctx, tokenizer: Tokenizer) -> CLIPModel:
+    text = cfg.model.text
+    if tokenizer.vocab_size > text.vocab_size or cfg.data.tokenizer.type == "sentencepiece":
+        text.vocab_size = tokenizer.vocab_size
+    text.eot_token_id = tokenizer.eot_id
+    model = CLIPModel(cfg.model, use_cpu_initialization=ctx.device.type == "cpu").to(ctx.device)
+    announce_attention_backend(model.attention_backend, ctx.device)
+    if ctx.is_logging_rank:
+        log.info("CLIP model: %.2fM parameters on this rank (vision %.2fM, text %.2fM)",
+                 count_parameters(model) / 1e6, count_parameters(model.visual) / 1e6,
+                 count_parameters(model.text) / 1e6)
+    return model
+
+
+def clip_forward_step(loss_fn, device, model, batch):
+    images, tokens = batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
+    image_features, text_features, scale = model(images, tokens)
+    loss = loss_fn(image_features, text_features, scale)
+    vision = model.cfg.vision
+    tokens_per_sample = vision.seq_length + tokens.shape[1]
+    return loss, {"samples": images.shape[0], "tokens": images.shape[0] * tokens_per_sample}
+
+
+def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
+    if not data.eval_shards or not (cfg.eval.zero_shot or cfg.eval.retrieval):
+        return None
+    transform = build_image_transform(model.cfg.vision.img_h, train=False,
+                                      mean=model.cfg.vision.image_mean, std=model.cfg.vision.image_std)
+    context_length = model.cfg.text.encoder_seq_length
+
+    def tokenize(texts):
+        return data.tokenizer(texts, context_length=context_length).to(ctx.device)
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        # Every rank reads the (small) eval set; batches are split over DP and features gathered.
+        loader = build_clip_dataloader(
+            data.eval_shards, dp_rank=0, dp_size=1, batch_size=cfg.eval.batch_size, tokenizer=data.tokenizer,
+            image_transform=transform, context_length=context_length, shuffle_buffer=0, seed=0, infinite=False)
+        images, texts, labels = collect_features(
+            model.encode_image, model.encode_text, loader, ctx.dp_rank, ctx.dims.dp, ctx.dp_group, ctx.device)
+        metrics = {}
+        if cfg.eval.zero_shot and data.classes and labels is not None:
+            embeds = class_embeddings(model.encode_text, tokenize, data.classes["classnames"],
+                                      data.classes["templates"]).cpu()
+            metrics.update(zero_shot_accuracy(images, labels, embeds))
+            metrics["zero_shot_chance"] = 1.0 / len(data.classes["classnames"])
+        if cfg.eval.retrieval:
+            metrics.update(retrieval_recall(images, texts))
+        model.train()
+        return metrics
+
+    return evaluate
+
+
+def build_trainer(cfg, ctx):
+    """Everything a CLIP run needs; returns (trainer, train data iterator)."""
+    data = prepare_data(cfg, ctx)
+    model = build_model(cfg, ctx, data.tokenizer)
+    optimizer = build_optimizer(model, cfg.optim)
+    sched = cfg.optim.sched
+    scheduler = WarmupCosineSchedule(optimizer, cfg.optim.lr, sched.warmup_steps, cfg.trainer.max_steps,
+                                     sched.min_lr, sched.name)
+    loss_fn = ContrastiveLoss(cfg.model.local_loss, cfg.model.gather_with_grad, group=ctx.dp_group)
+    vision = cfg.model.vision
+    train_loader = build_clip_dataloader(
+        data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
+        tokenizer=data.tokenizer,
+        image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
+                                              std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
+        context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
+    trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
+                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data))
+    trainer.train_loader = train_loader
+    return trainer, iter(train_loader)
