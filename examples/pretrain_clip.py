@@ -34,7 +34,6 @@ def main(argv: list[str]) -> dict:
     config_file, overrides = split_config_arg(argv)
     cfg = load_config(ExperimentConfig, config_file, overrides, BARE_KEYS)
 
-    from engine.recipes.clip import build_trainer
     from parallel.context import destroy_parallel, initialize_parallel
 
     par = cfg.parallel
@@ -45,6 +44,8 @@ def main(argv: list[str]) -> dict:
     if ctx.dims.pp > 1:
         raise ParallelLayoutError("pipeline_model_parallel_size > 1 is not available yet for CLIP")
     try:
+        from engine.recipes.clip import build_trainer
+
         if ctx.is_logging_rank:
             os.makedirs(cfg.trainer.output_dir, exist_ok=True)
             with open(os.path.join(cfg.trainer.output_dir, "config.yaml"), "w") as fh:

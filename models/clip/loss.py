@@ -6,7 +6,8 @@ Features are gathered over the DP group only: TP ranks of one replica hold ident
 - local_loss=True: a rank builds only its rows, [local_b, global_b], against all columns; with
   gather_with_grad the mean of these per-rank losses equals the global loss, and so do its gradients.
 - gather_with_grad=False: other ranks' features are constants; with local_loss=False each rank's
-  gradient is the global one divided by the DP size (open_clip's behaviour), with local_loss=True the
+  gradient is the global one divided by the DP size except for logit_scale's (open_clip's
+  behaviour), with local_loss=True the
   cross-rank terms are missing.
 The engine averages gradients over DP, so the optimiser sees the mean over ranks of these losses.
 """

@@ -11,6 +11,7 @@ TOL = 1e-5  # absolute and relative, fp32
 def _run_clip(tp: int, full_state: dict | None):
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
+    from engine.grad_norm import global_grad_norm
     from parallel.context import initialize_parallel
     from parallel.tp_sharding import gather_full_grads, gather_full_state_dict, shard_full_state_dict
 
@@ -30,6 +31,7 @@ def _run_clip(tp: int, full_state: dict | None):
         "image": image_features.detach(),
         "text": text_features.detach(),
         "loss": loss.detach(),
+        "grad_norm": global_grad_norm(list(model.parameters())),
     }
 
 
@@ -45,6 +47,8 @@ def test_tp_matches_single_process(reference, tp):
         torch.testing.assert_close(res["image"], reference["image"], atol=TOL, rtol=TOL)
         torch.testing.assert_close(res["text"], reference["text"], atol=TOL, rtol=TOL)
         torch.testing.assert_close(res["loss"], reference["loss"], atol=TOL, rtol=TOL)
+        # Replicated parameters are counted once, TP shards summed: the same global norm as TP=1.
+        torch.testing.assert_close(res["grad_norm"], reference["grad_norm"], atol=TOL, rtol=TOL)
         assert res["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             # Vocab padding may differ with TP: compare the rows both layouts hold.
