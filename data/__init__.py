@@ -1,0 +1,1 @@
+"""Image-caption data: a synthetic shapes generator, WebDataset pipelines, tokenizers, transforms."""

@@ -1,0 +1,209 @@
+"""Tokenizers behind one interface: SentencePiece (trained on the captions, or a user's .model) and
+CLIP's byte-level BPE (from a user-supplied `bpe_simple_vocab_16e6.txt.gz`, as open_clip).
+
+`tokenizer(texts, context_length)` gives [sot] + ids + [eot] padded to the context length; text that
+is too long is cut so the end-of-text token is still the last one (open_clip's behaviour), because
+the text tower pools at that position.
+"""
+from __future__ import annotations
+
+import abc
+import gzip
+import html
+import logging
+import os
+import re
+from functools import lru_cache
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_KINDS = ("sentencepiece", "clip_bpe")
+
+
+class Tokenizer(abc.ABC):
+    vocab_size: int
+    sot_id: int
+    eot_id: int
+    pad_id: int
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids without special tokens."""
+
+    @abc.abstractmethod
+    def decode(self, ids) -> str:
+        """Text from ids; special tokens are dropped."""
+
+    def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id] + self.encode(text)[: context_length - 2] + [self.eot_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+def eot_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Index of the first end-of-text token in each row."""
+    return (tokens == eot_id).int().argmax(dim=-1)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece with pad=0, unk=1, sot=2 (bos), eot=3 (eos)."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except Exception as exc:  # sentencepiece raises OSError/RuntimeError for corrupt files
+            raise ValueError(f"cannot load SentencePiece model {model_path}: {exc}") from exc
+        self.vocab_size = self.sp.GetPieceSize()
+        self.pad_id, self.sot_id, self.eot_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+        if min(self.pad_id, self.sot_id, self.eot_id) < 0:
+            raise ValueError(f"{model_path}: the model needs pad, bos and eos pieces (train with pad_id/bos_id/eos_id)")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text.lower())
+
+    def decode(self, ids) -> str:
+        specials = {self.pad_id, self.sot_id, self.eot_id}
+        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in specials])
+
+    @classmethod
+    def train(cls, texts: list[str], model_prefix: str, vocab_size: int = 1000) -> "SentencePieceTokenizer":
+        """Train a BPE model on `texts`. `vocab_size` is an upper bound: a small corpus gets fewer
+        pieces (hard_vocab_limit off) instead of an error."""
+        import sentencepiece as spm
+
+        if not texts:
+            raise ValueError("cannot train a SentencePiece model on no text")
+        os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter([t.lower() for t in texts]), model_prefix=model_prefix,
+            vocab_size=vocab_size, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
+        )
+        return cls(model_prefix + ".model")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP map from bytes to printable unicode characters (so BPE never sees raw bytes)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _clean(text: str) -> str:
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class ClipBPETokenizer(Tokenizer):
+    """OpenAI CLIP / open_clip byte-level BPE. sot and eot are the last two ids; pad is 0."""
+
+    # OpenAI's vocabulary uses the first 48894 merges of the file (49408 tokens in all).
+    MAX_MERGES = 49152 - 256 - 2
+
+    def __init__(self, bpe_path: str):
+        import regex
+
+        if not os.path.isfile(bpe_path):
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path}")
+        try:
+            with gzip.open(bpe_path, "rt", encoding="utf-8") as fh:
+                lines = fh.read().split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read CLIP BPE merges file {bpe_path}: {exc}") from exc
+        merges = [tuple(line.split()) for line in lines[1: self.MAX_MERGES + 1] if line.strip()]
+        if any(len(m) != 2 for m in merges):
+            raise ValueError(f"{bpe_path}: merges lines must hold two symbols each")
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        base = list(self.byte_encoder.values())
+        vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
+        vocab += ["<start_of_text>", "<end_of_text>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.vocab_size = len(vocab)
+        self.sot_id, self.eot_id, self.pad_id = self.vocab_size - 2, self.vocab_size - 1, 0
+        self.pattern = regex.compile(
+            r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+        self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    def _bpe_uncached(self, token: str) -> tuple[str, ...]:
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        return word
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for token in self.pattern.findall(_clean(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[piece] for piece in self._bpe(token))
+        return ids
+
+    def decode(self, ids) -> str:
+        specials = {self.sot_id, self.eot_id, self.pad_id}
+        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in specials)
+        raw = bytearray(self.byte_decoder[c] for c in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+def build_tokenizer(kind: str, path: str | None = None, train_texts: list[str] | None = None,
+                    vocab_size: int = 1000, cache_dir: str | None = None) -> Tokenizer:
+    """A tokenizer by kind. SentencePiece without `path` is trained on `train_texts` into
+    `cache_dir` once and reused from there."""
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"data.tokenizer.type={kind!r}: use one of {', '.join(TOKENIZER_KINDS)}")
+    if kind == "clip_bpe":
+        if path is None:
+            raise ValueError("data.tokenizer.type=clip_bpe needs data.tokenizer.path (bpe_simple_vocab_16e6.txt.gz)")
+        return ClipBPETokenizer(path)
+    if path is not None:
+        return SentencePieceTokenizer(path)
+    if cache_dir is None:
+        raise ValueError("training a SentencePiece tokenizer needs a cache directory")
+    prefix = os.path.join(cache_dir, f"spm_bpe_{vocab_size}")
+    if os.path.exists(prefix + ".model"):
+        return SentencePieceTokenizer(prefix + ".model")
+    if train_texts is None:
+        raise ValueError(f"no SentencePiece model at {prefix}.model and no captions to train one")
+    log.info("training a SentencePiece BPE tokenizer (vocab <= %d) on %d captions", vocab_size, len(train_texts))
+    return SentencePieceTokenizer.train(train_texts, prefix, vocab_size)
