@@ -4,7 +4,8 @@ transformed, tokenized and batched.
 Shards are split over DP ranks only: the TP and PP ranks of one replica pass the same `dp_rank`
 and seed, so they read the same samples in the same order with the same crops. A missing or corrupt
 shard, or a sample that does not decode, is skipped with a warning that names it and counted in
-`stats`; if no shard of an epoch yields anything the pipeline raises instead of spinning forever.
+`stats`; if no shard of an epoch yields a usable sample the pipeline raises instead of spinning
+forever.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from data.transforms import ImageTransform
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +32,10 @@ def expand_shards(spec) -> list[str]:
     if isinstance(spec, (list, tuple)):
         return [s for item in spec for s in expand_shards(item)]
     if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in directory {spec!r}")
+        return found
     out = []
     for item in braceexpand(spec):
         matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
@@ -40,7 +46,13 @@ def expand_shards(spec) -> list[str]:
 
 
 def split_shards_for_dp(shards: list[str], dp_rank: int, dp_size: int) -> list[str]:
-    """Round-robin shards over DP ranks; each rank gets a disjoint, non-empty subset."""
+    """Round-robin shards over DP ranks; each rank gets a disjoint, non-empty subset.
+
+    When the shard count is not a multiple of dp_size, ranks get one shard more or less; training
+    loaders loop forever, so ranks still step together (their epochs just end at different steps).
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1} (dp_size={dp_size})")
     if len(shards) < dp_size:
         raise ValueError(f"{len(shards)} shards cannot be split over {dp_size} data-parallel ranks: "
                          f"write at least {dp_size} shards (smaller shards) or lower the DP size")
@@ -49,13 +61,28 @@ def split_shards_for_dp(shards: list[str], dp_rank: int, dp_size: int) -> list[s
 
 @dataclass
 class PipelineStats:
+    """Counters of one rank's loader. With num_workers > 0 the skip counters stay in the worker
+    processes (their warnings still print) and read 0 here; samples_seen stays exact."""
+
     samples_seen: int = 0  # samples delivered in batches on this rank
-    samples_skipped: int = 0
-    shards_skipped: int = 0
+    samples_skipped: int = 0  # samples that did not decode (bad jpeg, missing txt, ...)
+    shards_skipped: int = 0  # shard reads that failed (missing file, truncated tar); once per epoch
+
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+TEXT_KEYS = ("txt", "text", "caption")
+
+
+def _first_key(raw: dict, keys) -> str | None:
+    return next((k for k in keys if k in raw), None)
 
 
 class ImageTextStream(torch.utils.data.IterableDataset):
-    """Decoded (image tensor, tokens[, class_index]) samples from this rank's shards."""
+    """Decoded {'images', 'tokens'[, 'class_index']} samples from this rank's shards.
+
+    Raw tar members (bytes) go through the shuffle buffer and are decoded on the way out, so the
+    buffer holds compressed images, not tensors.
+    """
 
     def __init__(self, shards: list[str], tokenizer, image_transform, context_length: int,
                  shuffle_buffer: int, seed: int, dp_rank: int, infinite: bool, stats: PipelineStats):
@@ -64,73 +91,91 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.context_length, self.shuffle_buffer, self.infinite = context_length, shuffle_buffer, infinite
         self.seed, self.dp_rank, self.stats = seed, dp_rank, stats
 
-    def _worker_shards(self, shards: list[str]) -> list[str]:
-        info = torch.utils.data.get_worker_info()
-        return shards if info is None else shards[info.id::info.num_workers]
-
     def _read_shard(self, url: str):
         """Raw samples of one shard; a shard that fails is logged and counted, good samples kept."""
         failed = []
 
         def handler(exn):
             failed.append(exn)
-            return True
+            return True  # keep going: samples read before the failure are still used
 
         yield from tarfile_samples(iter([{"url": url}]), handler=handler)
         if failed:
             self.stats.shards_skipped += 1
-            log.warning("skipped unreadable shard %s: %r (%d shards skipped so far)", url, failed[0],
+            log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, failed[0],
                         self.stats.shards_skipped)
 
+    def _skip(self, raw: dict, reason: str) -> None:
+        self.stats.samples_skipped += 1
+        log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason)
+
+    def _raw_samples(self, worker: int, num_workers: int):
+        """Raw samples with an image and a caption, epoch after epoch (once unless infinite)."""
+        shards = self.shards[worker::num_workers]
+        if not shards:  # more workers than shards: this worker has nothing to read
+            return
+        epoch = 0
+        while True:
+            order = list(shards)
+            if self.shuffle_buffer > 0:  # a different, reproducible shard order every epoch
+                random.Random(f"{self.seed}-{self.dp_rank}-{worker}-epoch{epoch}").shuffle(order)
+            usable = 0
+            for url in order:
+                for raw in self._read_shard(url):
+                    if _first_key(raw, IMAGE_KEYS) is None or _first_key(raw, TEXT_KEYS) is None:
+                        self._skip(raw, f"no image ({'/'.join(IMAGE_KEYS)}) or caption "
+                                        f"({'/'.join(TEXT_KEYS)}) member; has {sorted(k for k in raw if not k.startswith('__'))}")
+                        continue
+                    usable += 1
+                    yield raw
+            if usable == 0:  # raising beats an endless loop over unreadable shards
+                raise RuntimeError(f"no readable sample in any shard of this rank (epoch {epoch}): {', '.join(order)}")
+            epoch += 1
+            if not self.infinite:
+                return
+
+    def _shuffled(self, raws, rng: random.Random):
+        if self.shuffle_buffer <= 0:
+            yield from raws
+            return
+        buffer = []
+        for raw in raws:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(raw)
+                continue
+            index = rng.randrange(len(buffer))
+            buffer[index], raw = raw, buffer[index]
+            yield raw
+        rng.shuffle(buffer)
+        yield from buffer
+
     def _decode(self, raw: dict, rng: random.Random):
-        key = f"{raw.get('__url__')}:{raw.get('__key__')}"
         try:
-            image = Image.open(io.BytesIO(raw["jpg"]))
+            image = Image.open(io.BytesIO(raw[_first_key(raw, IMAGE_KEYS)]))
             image.load()
-            caption = raw["txt"].decode("utf-8")
+            caption = raw[_first_key(raw, TEXT_KEYS)].decode("utf-8")
             meta = json.loads(raw["json"]) if "json" in raw else {}
         except Exception as exc:  # noqa: BLE001 - any broken sample is skipped, not fatal
-            self.stats.samples_skipped += 1
-            log.warning("skipped sample %s: %s: %s", key, type(exc).__name__, exc)
+            self._skip(raw, f"{type(exc).__name__}: {exc}")
             return None
-        sample = {"images": self.transform(image, rng),
-                  "tokens": self.tokenizer(caption, self.context_length)[0]}
-        if "class_index" in meta:
-            sample["class_index"] = torch.tensor(meta["class_index"], dtype=torch.long)
+        # ImageTransform takes the stream's RNG so crops are reproducible; plain callables get the image.
+        if isinstance(self.transform, ImageTransform):
+            images = self.transform(image, rng)
+        else:
+            images = self.transform(image)
+        sample = {"images": images, "tokens": self.tokenizer(caption, self.context_length)[0]}
+        if isinstance(meta, dict) and "class_index" in meta:
+            sample["class_index"] = torch.tensor(int(meta["class_index"]), dtype=torch.long)
         return sample
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         rng = random.Random(f"{self.seed}-{self.dp_rank}-{worker}")
-        buffer, epoch = [], 0
-        while True:
-            order = self._worker_shards(self.shards)
-            if self.shuffle_buffer > 0:
-                random.Random(f"{self.seed}-{self.dp_rank}-epoch{epoch}").shuffle(order)
-            decoded = 0
-            for url in order:
-                for raw in self._read_shard(url):
-                    sample = self._decode(raw, rng)
-                    if sample is None:
-                        continue
-                    decoded += 1
-                    if self.shuffle_buffer <= 0:
-                        yield sample
-                        continue
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    index = rng.randrange(len(buffer))
-                    buffer[index], sample = sample, buffer[index]
-                    yield sample
-            if decoded == 0 and order:
-                raise RuntimeError(f"no readable sample in any shard of this rank: {', '.join(order)}")
-            epoch += 1
-            if not self.infinite:
-                break
-        rng.shuffle(buffer)
-        yield from buffer
+        for raw in self._shuffled(self._raw_samples(worker, num_workers), rng):
+            sample = self._decode(raw, rng)
+            if sample is not None:
+                yield sample
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -174,7 +219,13 @@ def build_clip_dataloader(shards, *, dp_rank: int, dp_size: int, batch_size: int
                           image_transform, context_length: int = 77, shuffle_buffer: int = 1000,
                           seed: int = 0, infinite: bool = True, num_workers: int = 0) -> ClipLoader:
     """Training (`infinite=True`: endless epochs, full batches) or evaluation (one pass, last
-    partial batch kept) loader over this DP rank's share of `shards`."""
+    partial batch kept) loader over this DP rank's share of `shards`.
+
+    Batches are dicts {"images": float [B, 3, H, W], "tokens": long [B, context_length]} plus
+    "class_index": long [B] when the samples' json has it. `loader.stats` counts this rank's
+    samples; with num_workers > 0 each worker reads a subset of the rank's shards, batches are
+    interleaved across workers and only `samples_seen` is exact (skip counters stay in the workers).
+    """
     shard_list = split_shards_for_dp(expand_shards(shards), dp_rank, dp_size)
     dataset = ImageTextStream(shard_list, tokenizer, image_transform, context_length, shuffle_buffer, seed,
                               dp_rank, infinite, PipelineStats())

@@ -11,9 +11,11 @@ scores on them has learnt to compose attributes, not to memorise pairs. Determin
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import logging
+import math
 import os
 import random
 import tarfile
@@ -31,12 +33,16 @@ SIZES = {"small": 0.22, "large": 0.42}  # shape radius as a fraction of the imag
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "center": (0.5, 0.5)}
 BACKGROUNDS = [(245, 245, 245), (225, 225, 225), (200, 200, 200), (235, 230, 220), (215, 220, 230)]
+# How each position reads in a sentence ("on the left", "at the top", "in the center").
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                    "center": "in the center"}
 CAPTION_TEMPLATES = [
-    "a {size} {color} {shape} on the {position}",
-    "a photo of a {size} {color} {shape} at the {position}",
-    "a {color} {shape}, {size}, {position}",
-    "there is a {size} {color} {shape} on the {position} of the image",
-    "{size} {color} {shape} in the {position}",
+    "a {size} {color} {shape} {where}",
+    "a photo of a {size} {color} {shape} {where}",
+    "a {color} {shape}, {size}, {where}",
+    "there is a {size} {color} {shape} {where} of the image",
+    "{size} {color} {shape} {where}",
+    "a picture of a {color} {shape} {where}; it is {size}",
 ]
 PROMPT_TEMPLATES = ["a photo of a {}.", "a {}.", "a drawing of a {}.", "an image of a {}.", "a small {}.",
                     "a large {}."]
@@ -59,8 +65,6 @@ def class_name(color: str, shape: str) -> str:
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float):
-    import math
-
     if shape == "triangle":
         return [(cx, cy - r), (cx - r * 0.95, cy + r * 0.8), (cx + r * 0.95, cy + r * 0.8)]
     if shape == "diamond":
@@ -120,7 +124,8 @@ def _write_split(out_dir: str, split: str, pairs, num: int, image_size: int, per
                 img = render(shape, color, size, position, image_size, rng)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=90)
-                caption = rng.choice(CAPTION_TEMPLATES).format(size=size, color=color, shape=shape, position=position)
+                caption = rng.choice(CAPTION_TEMPLATES).format(size=size, color=color, shape=shape,
+                                                               where=POSITION_PHRASES[position])
                 meta = {"shape": shape, "color": color, "size": size, "position": position,
                         "class_name": class_name(color, shape), "class_index": class_index.get((color, shape), -1)}
                 key = f"{split}{i:08d}"
@@ -136,7 +141,10 @@ def generate_shapes_dataset(out_dir: str, num_train: int = 20000, num_eval: int 
                             samples_per_shard: int = 1000, seed: int = 0) -> dict:
     """Write train/eval shards, classes.json and manifest.json into `out_dir`; return the manifest.
 
-    Skips the work when a manifest with the same parameters is already there.
+    Each sample is `<key>.jpg`, `<key>.txt` (caption) and `<key>.json` ({shape, color, size,
+    position, class_name, class_index}); class_index indexes classes.json "classnames" (the held-out
+    pairs) for eval samples and is -1 for train samples, whose pairs are not zero-shot classes.
+    Skips the work when a manifest with the same parameters and all its shards are already there.
     """
     params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size,
               "samples_per_shard": samples_per_shard, "seed": seed}
@@ -144,18 +152,25 @@ def generate_shapes_dataset(out_dir: str, num_train: int = 20000, num_eval: int 
     if os.path.exists(manifest_path):
         with open(manifest_path) as fh:
             manifest = json.load(fh)
-        if manifest.get("params") == params:
-            log.info("synthetic shapes data already in %s (%s)", out_dir, params)
+        shards = [s["path"] for split in ("train", "eval") for s in manifest.get(split, [])]
+        complete = all(os.path.exists(os.path.join(out_dir, p)) for p in shards)
+        if manifest.get("params") == params and complete:
+            log.info("synthetic shapes data already in %s (%s); not regenerating", out_dir, params)
             return manifest
+        log.info("regenerating synthetic shapes data in %s: %s", out_dir,
+                 "shards are missing" if manifest.get("params") == params else "parameters changed")
+        # Old shards would otherwise be picked up by a 'train-*.tar' pattern next to the new ones.
+        os.remove(manifest_path)
+        for old in glob.glob(os.path.join(out_dir, "train-*.tar")) + glob.glob(os.path.join(out_dir, "eval-*.tar")):
+            os.remove(old)
     os.makedirs(out_dir, exist_ok=True)
     held = held_out_pairs()
     class_index = {pair: i for i, pair in enumerate(held)}
     log.info("writing synthetic shapes data to %s (%d train, %d eval)", out_dir, num_train, num_eval)
-    manifest = {
-        "params": params,
-        "train": _write_split(out_dir, "train", train_pairs(), num_train, image_size, samples_per_shard, seed, {}),
-        "eval": _write_split(out_dir, "eval", held, num_eval, image_size, samples_per_shard, seed, class_index),
-    }
+    train = _write_split(out_dir, "train", train_pairs(), num_train, image_size, samples_per_shard, seed, {})
+    evals = _write_split(out_dir, "eval", held, num_eval, image_size, samples_per_shard, seed, class_index)
+    manifest = {"params": params, "image_size": image_size, "seed": seed,
+                "num_samples": {"train": num_train, "eval": num_eval}, "train": train, "eval": evals}
     classes = {"classnames": [class_name(c, s) for c, s in held], "templates": PROMPT_TEMPLATES,
                "train_classnames": [class_name(c, s) for c, s in train_pairs()]}
     with open(os.path.join(out_dir, "classes.json"), "w") as fh:
@@ -196,7 +211,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO)
     manifest = generate_shapes_dataset(args.out, args.num_train, args.num_eval, args.image_size,
                                        args.samples_per_shard, args.seed)
-    print(json.dumps({k: len(v) for k, v in manifest.items() if k != "params"}))
+    print(json.dumps({split: {"shards": len(manifest[split]), "samples": manifest["num_samples"][split]}
+                      for split in ("train", "eval")}))
 
 
 if __name__ == "__main__":

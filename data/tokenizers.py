@@ -10,10 +10,10 @@ from __future__ import annotations
 import abc
 import gzip
 import html
+import io
 import logging
 import os
 import re
-from functools import lru_cache
 
 import torch
 
@@ -39,6 +39,8 @@ class Tokenizer(abc.ABC):
     def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length}: need room for the start and end tokens")
         out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [self.sot_id] + self.encode(text)[: context_length - 2] + [self.eot_id]
@@ -47,8 +49,19 @@ class Tokenizer(abc.ABC):
 
 
 def eot_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """Index of the first end-of-text token in each row."""
+    """Index of the first end-of-text token in each row of [B, L] tokens (0 for a row without one)."""
     return (tokens == eot_id).int().argmax(dim=-1)
+
+
+def _until_eot(ids, sot_id: int, eot_id: int) -> list[int]:
+    """Ids as ints without a leading start token and without the end token and what follows it."""
+    out = []
+    for i in (int(i) for i in ids):
+        if i == eot_id:
+            break
+        if i != sot_id:
+            out.append(i)
+    return out
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -74,23 +87,49 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.EncodeAsIds(text.lower())
 
     def decode(self, ids) -> str:
-        specials = {self.pad_id, self.sot_id, self.eot_id}
-        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in specials])
+        return self.sp.DecodeIds([i for i in _until_eot(ids, self.sot_id, self.eot_id) if i != self.pad_id])
 
     @classmethod
     def train(cls, texts: list[str], model_prefix: str, vocab_size: int = 1000) -> "SentencePieceTokenizer":
-        """Train a BPE model on `texts`. `vocab_size` is an upper bound: a small corpus gets fewer
-        pieces (hard_vocab_limit off) instead of an error."""
+        """Train a BPE model on `texts` (single-threaded, so the same texts give the same model).
+
+        `vocab_size` is an upper bound: a small corpus gets fewer pieces (hard_vocab_limit off), and
+        if SentencePiece still reports a maximum, training is retried with it. Writes
+        `<model_prefix>.model`.
+        """
         import sentencepiece as spm
 
         if not texts:
             raise ValueError("cannot train a SentencePiece model on no text")
         os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=iter([t.lower() for t in texts]), model_prefix=model_prefix,
-            vocab_size=vocab_size, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
-        )
+        lowered = [t.lower() for t in texts]
+        for _ in range(2):
+            model = io.BytesIO()  # in memory: no file path is recorded in the model, so bytes are reproducible
+            try:
+                spm.SentencePieceTrainer.Train(
+                    sentence_iterator=iter(lowered), model_writer=model, vocab_size=vocab_size,
+                    model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
+                    pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
+                )
+                break
+            except RuntimeError as exc:
+                too_high = re.search(r"value <= (\d+)", str(exc))
+                if too_high and int(too_high.group(1)) < vocab_size:  # retry once with the reported maximum
+                    log.info("SentencePiece: vocab_size %d too large for the corpus, using %s",
+                             vocab_size, too_high.group(1))
+                    vocab_size = int(too_high.group(1))
+                    continue
+                if "smaller than required_chars" in str(exc):
+                    needed = re.search(r"(\d+) vs (\d+)", str(exc))
+                    raise ValueError(f"SentencePiece vocab_size={vocab_size} is below the "
+                                     f"{needed.group(2) if needed else 'number of'} distinct characters "
+                                     f"and special pieces of the corpus; raise vocab_size") from exc
+                raise
+        # Written under a temporary name and renamed, so a rank never loads half a file.
+        tmp = f"{model_prefix}.model.tmp{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(model.getvalue())
+        os.replace(tmp, model_prefix + ".model")
         return cls(model_prefix + ".model")
 
 
@@ -152,9 +191,15 @@ class ClipBPETokenizer(Tokenizer):
             r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             regex.IGNORECASE,
         )
-        self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+        # A plain dict (as OpenAI's) keeps the tokenizer picklable for spawned DataLoader workers.
+        self.cache = {"<start_of_text>": ("<start_of_text>",), "<end_of_text>": ("<end_of_text>",)}
 
-    def _bpe_uncached(self, token: str) -> tuple[str, ...]:
+    def _bpe(self, token: str) -> tuple[str, ...]:
+        if token not in self.cache:
+            self.cache[token] = self._merge(token)
+        return self.cache[token]
+
+    def _merge(self, token: str) -> tuple[str, ...]:
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
             pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
@@ -175,13 +220,14 @@ class ClipBPETokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         ids = []
         for token in self.pattern.findall(_clean(text)):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            if token not in ("<start_of_text>", "<end_of_text>"):
+                token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self._bpe(token))
         return ids
 
     def decode(self, ids) -> str:
-        specials = {self.sot_id, self.eot_id, self.pad_id}
-        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in specials)
+        # Padding follows the end-of-text token; id 0 (the pad id) is also "!" so it is not dropped.
+        text = "".join(self.decoder[i] for i in _until_eot(ids, self.sot_id, self.eot_id))
         raw = bytearray(self.byte_decoder[c] for c in text)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 

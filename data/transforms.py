@@ -19,12 +19,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageTransform:
+    """PIL image -> normalised float tensor [3, H, W].
+
+    `transform(image, rng)` crops with the caller's `random.Random` (the pipeline passes one seeded
+    per rank and worker); without one, the transform's own RNG (seeded with `seed`) is used.
+    """
+
     def __init__(self, image_size: int, train: bool, mean=None, std=None, scale=(0.9, 1.0),
-                 ratio=(3 / 4, 4 / 3)):
+                 ratio=(3 / 4, 4 / 3), seed: int = 0):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"random crop scale {scale}: need 0 < low <= high <= 1")
         self.image_size, self.train = image_size, train
-        self.scale, self.ratio = scale, ratio
-        self.mean = torch.tensor(mean or CLIP_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(std or CLIP_STD).view(3, 1, 1)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.mean = torch.tensor(CLIP_MEAN if mean is None else tuple(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(CLIP_STD if std is None else tuple(std), dtype=torch.float32).view(3, 1, 1)
+        self.rng = random.Random(seed)
 
     def _crop_box(self, width: int, height: int, rng: random.Random):
         area = width * height
@@ -44,7 +53,7 @@ class ImageTransform:
         image = image.convert("RGB")
         size = self.image_size
         if self.train:
-            box = self._crop_box(image.width, image.height, rng or random.Random(0))
+            box = self._crop_box(image.width, image.height, rng if rng is not None else self.rng)
             image = image.resize((size, size), Image.BICUBIC, box=box)
         else:
             scale = size / min(image.width, image.height)
