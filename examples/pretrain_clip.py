@@ -65,6 +65,7 @@ def main(argv: list[str]) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)  # import-time chatter
     faulthandler.enable()  # a rank that dies in a collective shows its stack instead of a silent hang
     try:
         main(sys.argv[1:])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,9 @@ def initialize_parallel(
     instead of hanging in a collective.
     """
     launch = read_launch_env(environ)
+    # Megatron's TP layers overlap their gradient all-reduce with compute only when the GPU runs one
+    # hardware queue (Megatron-LM's launch scripts set this too); harmless on CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     dims = ParallelDims(tensor_model_parallel_size, pipeline_model_parallel_size, launch.world_size)
     dev = select_device(device, launch.local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"

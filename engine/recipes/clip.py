@@ -77,7 +77,8 @@ def prepare_data(cfg, ctx) -> ClipData:
 
 def build_model(cfg, ctx, tokenizer: Tokenizer) -> CLIPModel:
     text = cfg.model.text
-    if tokenizer.vocab_size > text.vocab_size or cfg.data.tokenizer.type == "sentencepiece":
+    if tokenizer.vocab_size > text.vocab_size:  # the embedding must hold every token id
+        log.info("model.text.vocab_size raised from %d to the tokenizer's %d", text.vocab_size, tokenizer.vocab_size)
         text.vocab_size = tokenizer.vocab_size
     text.eot_token_id = tokenizer.eot_id
     model = CLIPModel(cfg.model, use_cpu_initialization=ctx.device.type == "cpu").to(ctx.device)

@@ -41,7 +41,7 @@ class VisionConfig:
 class TextConfig:
     """Causal text transformer pooled at the end-of-text token."""
 
-    vocab_size: int = 49408  # CLIP BPE; a SentencePiece run sets it from the trained tokenizer
+    vocab_size: int = 49408  # embedding rows (CLIP BPE: 49408); raised to the tokenizer's size if smaller
     encoder_seq_length: int = 77  # context length
     output_dim: int = "${model.output_dim}"  # type: ignore[assignment]
     num_layers: int = 12

@@ -1,0 +1,123 @@
+"""CLIP training throughput on CPU: this engine at TP=1 DP=2 and TP=2 DP=1 beside open_clip's own
+trainer (`open_clip_train`) on the same synthetic shards, tower dimensions, global batch and fp32.
+
+    bash bench/setup_openclip_env.sh              # once: a venv with open_clip + torchvision
+    bench/.venv-openclip/bin/python bench/clip_throughput.py --models tiny,b32
+
+Both sides run in that venv, so they use the same torch build. Both use the 2 cores: the engine as
+2 ranks x 1 thread (torchrun's default), open_clip as 1 process x 2 threads. The text vocabulary is
+49408 on both sides (open_clip's tokenizer ids need it). The first `--warmup` steps are not timed.
+Prints a table and writes it to bench/results/clip_throughput_cpu.md (+ .json). Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+from openclip_trainer import run_openclip_trainer  # noqa: E402
+
+# Model presets: our config file + the global batch used for both sides.
+MODELS = {
+    "tiny": {"config": "configs/clip/tiny.yaml", "batch": 128},
+    "b32": {"config": "configs/clip/b32.yaml", "batch": 16},
+}
+LAYOUTS = [(1, 2), (2, 1)]  # (TP, DP) on 2 processes
+STEP_RE = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) s/step")
+
+
+def engine_run(python: str, model: str, tp: int, dp: int, steps: int, warmup: int, shards_dir: str) -> dict:
+    spec = MODELS[model]
+    batch = spec["batch"]
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * dp),
+               os.path.join(ROOT, "examples/pretrain_clip.py"), "--config", os.path.join(ROOT, spec["config"]),
+               f"tensor_model_parallel_size={tp}", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
+               "trainer.val_check_interval=0", "eval.zero_shot=false", "eval.retrieval=false",
+               f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch // dp}",
+               "model.text.vocab_size=49408", f"data.synthetic.out_dir={shards_dir}",
+               f"trainer.output_dir={out}", "optim.sched.warmup_steps=0", "data.shuffle_buffer=256",
+               "device=cpu"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine run failed:\n{proc.stderr[-4000:]}")
+        times = [float(t) for step, t in STEP_RE.findall(proc.stderr + proc.stdout) if int(step) > warmup]
+    step_time = sum(times) / len(times)
+    return {"samples_per_s": batch / step_time, "step_time_s": step_time, "steps": len(times),
+            "batch": batch, "wall_s": round(time.time() - t0, 1)}
+
+
+def openclip_dims(config_path: str) -> dict:
+    """Our tower dimensions in open_clip's terms, read from the same config file."""
+    from engine.config import load_config
+    from engine.schema import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, config_path)
+    v, t = cfg.model.vision, cfg.model.text
+    return {"embed_dim": cfg.model.output_dim,
+            "vision": {"image_size": v.img_h, "layers": v.num_layers, "width": v.hidden_size,
+                       "head_width": v.hidden_size // v.num_attention_heads,
+                       "mlp_ratio": v.ffn_hidden_size / v.hidden_size, "patch_size": v.patch_dim},
+            "text": {"context_length": t.encoder_seq_length, "vocab_size": 49408, "width": t.hidden_size,
+                     "heads": t.num_attention_heads, "layers": t.num_layers}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,b32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/bench_shapes"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results/clip_throughput_cpu"))
+    args = parser.parse_args()
+
+    from data.synthetic import generate_shapes_dataset
+
+    generate_shapes_dataset(args.shards, num_train=4000, num_eval=100, image_size=64, samples_per_shard=500)
+    shard_spec = os.path.join(args.shards, "train-{000000..000007}.tar")
+    rows = []
+    for model in args.models.split(","):
+        batch = MODELS[model]["batch"]
+        ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
+                                   dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
+                                   threads=2, warmup_steps=args.warmup)
+        rows.append({"model": model, "system": "open_clip_train (1 proc x 2 threads)", "layout": "-",
+                     **{k: ref[k] for k in ("samples_per_s", "step_time_s", "batch")}, "ratio": 1.0})
+        for tp, dp in LAYOUTS:
+            res = engine_run(sys.executable, model, tp, dp, args.steps, args.warmup, args.shards)
+            rows.append({"model": model, "system": "engine (2 ranks x 1 thread)", "layout": f"TP={tp} DP={dp}",
+                         **{k: res[k] for k in ("samples_per_s", "step_time_s", "batch")},
+                         "ratio": res["samples_per_s"] / ref["samples_per_s"]})
+    import torch
+
+    header = (f"CLIP fp32 training throughput, CPU: {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__}, {args.steps - args.warmup} timed steps "
+              f"after {args.warmup} warm-up")
+    lines = [header, "", "| model | system | layout | global batch | step time (s) | samples/s | vs open_clip |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['system']} | {r['layout']} | {r['batch']} | {r['step_time_s']:.3f} | "
+                     f"{r['samples_per_s']:.1f} | {r['ratio']:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".md", "w") as fh:
+        fh.write(table + "\n")
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"header": header, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
