@@ -154,3 +154,24 @@ def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
     return config_file, rest
+
+
+def sync_config_file(path: str, schema_cls) -> None:
+    """Rewrite a YAML config so it lists every schema key (new keys get their defaults), keeping
+    its values, its `${...}` interpolations and its leading comment block."""
+    with open(path) as fh:
+        lines = fh.read().splitlines(keepends=True)
+    header = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), len(lines))])
+    merged = OmegaConf.merge(OmegaConf.structured(schema_cls), OmegaConf.load(path))
+    with open(path, "w") as fh:
+        fh.write(header + OmegaConf.to_yaml(merged))
+
+
+if __name__ == "__main__":  # python -m engine.config configs/clip/*.yaml
+    import sys
+
+    from engine.schema import ExperimentConfig
+
+    for config_path in sys.argv[1:]:
+        sync_config_file(config_path, ExperimentConfig)
+        print(f"synced {config_path}")

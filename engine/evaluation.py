@@ -51,7 +51,9 @@ def collect_features(encode_image, encode_text, batches, dp_rank: int, dp_size: 
 
 
 def zero_shot_accuracy(image_feats: torch.Tensor, labels: torch.Tensor, class_embeds: torch.Tensor,
-                       topk=(1, 5)) -> dict:
+                       topk=(1, 5), attributes: dict | None = None) -> dict:
+    """Top-k accuracy; with `attributes` ({name: value per class}), also how often the top-1 class
+    shares each attribute with the true class (e.g. right colour, right shape)."""
     logits = image_feats @ class_embeds.T.to(image_feats.dtype)
     out = {}
     for k in topk:
@@ -59,6 +61,10 @@ def zero_shot_accuracy(image_feats: torch.Tensor, labels: torch.Tensor, class_em
             continue
         hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
         out[f"zero_shot_top{k}"] = hits.float().mean().item()
+    predicted = logits.argmax(dim=1).tolist()
+    for name, values in (attributes or {}).items():
+        same = [values[p] == values[t] for p, t in zip(predicted, labels.tolist())]
+        out[f"zero_shot_{name}_acc"] = sum(same) / max(1, len(same))
     return out
 
 

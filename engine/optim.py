@@ -5,6 +5,11 @@ import math
 
 import torch
 
+from engine.distributed_optimizer import FlatAdamW, StepResult
+from engine.grad_norm import clip_grad_norm
+from engine.loss_scaler import ConstantLossScaler
+from parallel.data_parallel import GradientAverager
+
 # Parameters that should not be decayed (open_clip / CLIP practice): gains and biases of norms,
 # all biases, embeddings and learned positions, class tokens, and the temperature.
 _NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale", "norm", "ln_")
@@ -26,14 +31,74 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """`cfg` is an `OptimConfig`. More optimizer names (distributed_fused_adam) come with ZeRO."""
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name in ("adamw", "adam"):
-        decoupled = cfg.name == "adamw"
-        opt_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-        return opt_cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    raise ValueError(f"optim.name={cfg.name!r} is not available; use adamw or adam")
+OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
+
+
+class ReplicatedAdamW:
+    """torch's Adam/AdamW on the model's own (fp32) parameters, replicated on every DP rank:
+    gradients are averaged over DP, clipped by the global norm, then stepped."""
+
+    def __init__(self, model: torch.nn.Module, cfg, dp_group, max_grad_norm: float, loss_scaler=None):
+        opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.param_groups = self.optimizer.param_groups
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.averager = GradientAverager(self.params, dp_group)
+        self.max_grad_norm = max_grad_norm
+        self.loss_scaler = loss_scaler or ConstantLossScaler()
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+    def step(self) -> StepResult:
+        self.averager.average()
+        if self.loss_scale != 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / self.loss_scale)
+        # The norm is reduced over every model-parallel rank and gradients over DP, so every rank
+        # takes the same skip decision and no collective is left unmatched.
+        norm = clip_grad_norm(self.params, self.max_grad_norm)
+        skipped = not bool(torch.isfinite(norm))
+        self.loss_scaler.update(skipped)
+        if not skipped:
+            self.optimizer.step()
+        return StepResult(norm.item(), skipped)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "loss_scaler": self.loss_scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+
+def build_optimizer(model: torch.nn.Module, cfg, *, dp_group=None, model_parallel_group=None,
+                    max_grad_norm: float = 0.0, master_weights: bool = False, loss_scaler=None):
+    """`cfg` is an `OptimConfig`.
+
+    - `adamw` / `adam` with fp32 parameters: torch's optimizer, replicated over DP.
+    - `adamw` with bf16/fp16 parameters (O2): `FlatAdamW` with fp32 master weights, not sharded.
+    - `distributed_fused_adam`: `FlatAdamW` sharded over DP (ZeRO-1), any precision.
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={cfg.name!r} is not available; use one of {', '.join(OPTIMIZERS)}")
+    if cfg.name == "distributed_fused_adam" or master_weights:
+        if cfg.name == "adam":
+            raise ValueError("optim.name=adam (L2 weight decay) has no master-weight variant; use adamw")
+        return FlatAdamW(model, dp_group, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                         no_decay=exclude_from_weight_decay, shard=cfg.name == "distributed_fused_adam",
+                         loss_scaler=loss_scaler, max_grad_norm=max_grad_norm,
+                         model_parallel_group=model_parallel_group)
+    return ReplicatedAdamW(model, cfg, dp_group, max_grad_norm, loss_scaler)
 
 
 class WarmupCosineSchedule:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from engine.loss_scaler import LossScalerConfig
 from models.clip.config import CLIPConfig
 
 
@@ -26,12 +27,13 @@ class TrainerConfig:
     max_steps: int = 1000
     micro_batch_size: int = 32  # per data-parallel rank and forward pass
     global_batch_size: int = 256  # per optimizer step; accumulation = global / (micro x DP)
-    precision: str = "fp32"  # fp32 for now; bf16 / fp16 come with mixed precision
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (see model.megatron_amp_O2)
     gradient_clip_val: float = 1.0  # 0 disables clipping
     log_every_n_steps: int = 10
     val_check_interval: int = 100  # evaluate every N steps (0: only at the end)
     seed: int = 1234
     output_dir: str = "runs/clip"
+    loss_scaler: LossScalerConfig = field(default_factory=LossScalerConfig)  # fp16 only
 
 
 @dataclass
@@ -43,7 +45,7 @@ class SchedulerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adam | distributed_fused_adam (ZeRO-1: state sharded over DP)
     lr: float = 5.0e-4
     weight_decay: float = 0.2
     betas: list = field(default_factory=lambda: [0.9, 0.98])

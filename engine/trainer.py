@@ -6,6 +6,7 @@ steps, logging and evaluation are the same for CLIP, the DiT and the VLM.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,13 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.grad_norm import clip_grad_norm
+from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
-from parallel.data_parallel import GradientAverager
 
 log = logging.getLogger("engine")
 
-MAX_CONSECUTIVE_SKIPS = 10  # non-finite steps in a row before training stops with an error
+MAX_CONSECUTIVE_SKIPS = 10  # non-finite steps in a row (no loss scaler) before training stops
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
@@ -36,59 +36,65 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp_size: i
 class TrainState:
     step: int = 0
     samples_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # consecutive
+    total_skipped: int = 0
     history: list = field(default_factory=list)  # (step, loss) of every logged step
 
 
 class Trainer:
-    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, eval_fn=None):
-        """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `eval_fn(step) -> metrics`."""
+    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, eval_fn=None, precision=None):
+        """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `optimizer` a `ReplicatedAdamW` or
+        `FlatAdamW` (it syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a
+        `PrecisionPlan` (autocast context for the forward pass)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.forward_step, self.eval_fn = forward_step, eval_fn
+        self.forward_step, self.eval_fn, self.precision = forward_step, eval_fn, precision
         self.accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, ctx.dims.dp)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_averager = GradientAverager(self.params, ctx.dp_group)
         self.state = TrainState()
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
 
     def train_step(self, data_iter) -> dict:
         """One optimizer step over `accum` micro-batches; returns the step's metrics."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss_sum = torch.zeros((), device=self.ctx.device)
         samples = tokens = 0
+        scale = self.optimizer.loss_scale
         for _ in range(self.accum):
             batch = next(data_iter)
-            loss, info = self.forward_step(self.model, batch)
-            (loss / self.accum).backward()
+            with self.precision.autocast(self.ctx.device) if self.precision else contextlib.nullcontext():
+                loss, info = self.forward_step(self.model, batch)
+            (loss.float() * (scale / self.accum)).backward()
             loss_sum += loss.detach().float()
             samples += info["samples"]
             tokens += info["tokens"]
-        self.grad_averager.average()
-        grad_norm = clip_grad_norm(self.params, self.cfg.gradient_clip_val)
-        # The norm was reduced over every model-parallel rank and gradients over DP, so every rank
-        # takes the same decision here and no collective is left unmatched.
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-            self.state.skipped_steps = 0
+        result = self.optimizer.step()  # DP gradient sync, unscale, inf check, clip, update
+        if result.skipped:
+            self._skip_nonfinite(result.grad_norm)
         else:
-            self._skip_nonfinite(grad_norm)
+            self.state.skipped_steps = 0
         self.scheduler.step()
         mean_loss = loss_sum / self.accum
         dist.all_reduce(mean_loss, group=self.ctx.dp_group)
         dp = self.ctx.dims.dp
-        return {"loss": mean_loss.item() / dp, "grad_norm": grad_norm.item(), "lr": self.scheduler.lr,
-                "samples": samples * dp, "tokens": tokens * dp}
+        return {"loss": mean_loss.item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
+                "loss_scale": scale, "samples": samples * dp, "tokens": tokens * dp}
 
-    def _skip_nonfinite(self, grad_norm) -> None:
+    def _skip_nonfinite(self, grad_norm: float) -> None:
         self.state.skipped_steps += 1
-        log.warning("step %d: gradient norm is %s; update skipped (%d in a row)",
-                    self.state.step + 1, grad_norm.item(), self.state.skipped_steps)
-        if self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS:
+        self.state.total_skipped += 1
+        scaler = self.optimizer.loss_scaler
+        log.warning("step %d: non-finite gradients (norm %s); update skipped on every rank (%d in a row, %d in "
+                    "all; loss scale now %g)", self.state.step + 1, grad_norm, self.state.skipped_steps,
+                    self.state.total_skipped, scaler.scale)
+        # A dynamic scaler skips while it searches for its scale; it is stuck only at its floor.
+        stuck = isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.cfg.min_scale
+        limit_reached = not isinstance(scaler, DynamicLossScaler) and self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS
+        if stuck or limit_reached:
             raise FloatingPointError(
-                f"{MAX_CONSECUTIVE_SKIPS} consecutive steps had non-finite gradients (last at step "
-                f"{self.state.step + 1}); lower optim.lr or check the data"
+                f"training stopped at step {self.state.step + 1}: {self.state.skipped_steps} consecutive steps "
+                f"with non-finite gradients{' at the minimum loss scale' if stuck else ''}; lower optim.lr, "
+                "check the data, or use bf16"
             )
 
     def fit(self, data_iter) -> dict:

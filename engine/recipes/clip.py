@@ -16,6 +16,7 @@ from data.tokenizers import Tokenizer, build_tokenizer
 from data.transforms import build_image_transform
 from engine.evaluation import class_embeddings, collect_features, retrieval_recall, zero_shot_accuracy
 from engine.optim import WarmupCosineSchedule, build_optimizer
+from engine.precision import PrecisionPlan, plan_precision
 from engine.trainer import Trainer
 from models.clip.loss import ContrastiveLoss
 from models.clip.model import CLIPModel, count_parameters
@@ -75,13 +76,17 @@ def prepare_data(cfg, ctx) -> ClipData:
     return ClipData(expand_shards(train_spec), expand_shards(eval_spec) if eval_spec else [], classes, tokenizer)
 
 
-def build_model(cfg, ctx, tokenizer: Tokenizer) -> CLIPModel:
+def build_model(cfg, ctx, tokenizer: Tokenizer, precision: PrecisionPlan) -> CLIPModel:
     text = cfg.model.text
     if tokenizer.vocab_size > text.vocab_size:  # the embedding must hold every token id
         log.info("model.text.vocab_size raised from %d to the tokenizer's %d", text.vocab_size, tokenizer.vocab_size)
         text.vocab_size = tokenizer.vocab_size
     text.eot_token_id = tokenizer.eot_id
-    model = CLIPModel(cfg.model, use_cpu_initialization=ctx.device.type == "cpu").to(ctx.device)
+    model = CLIPModel(cfg.model, use_cpu_initialization=ctx.device.type == "cpu",
+                      **precision.transformer_overrides()).to(ctx.device)
+    # Everything outside the megatron blocks (patch/token embeddings, norms, projections,
+    # logit_scale) follows the block's parameter dtype, so the optimizer sees one dtype.
+    model.to(precision.params_dtype)
     announce_attention_backend(model.attention_backend, ctx.device)
     if ctx.is_logging_rank:
         log.info("CLIP model: %.2fM parameters on this rank (vision %.2fM, text %.2fM)",
@@ -121,7 +126,7 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
         if cfg.eval.zero_shot and data.classes and labels is not None:
             embeds = class_embeddings(model.encode_text, tokenize, data.classes["classnames"],
                                       data.classes["templates"]).cpu()
-            metrics.update(zero_shot_accuracy(images, labels, embeds))
+            metrics.update(zero_shot_accuracy(images, labels, embeds, attributes=data.classes.get("attributes")))
             metrics["zero_shot_chance"] = 1.0 / len(data.classes["classnames"])
         if cfg.eval.retrieval:
             metrics.update(retrieval_recall(images, texts))
@@ -134,8 +139,15 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
 def build_trainer(cfg, ctx):
     """Everything a CLIP run needs; returns (trainer, train data iterator)."""
     data = prepare_data(cfg, ctx)
-    model = build_model(cfg, ctx, data.tokenizer)
-    optimizer = build_optimizer(model, cfg.optim)
+    precision = plan_precision(cfg.trainer.precision, cfg.model.megatron_amp_O2, ctx.device)
+    model = build_model(cfg, ctx, data.tokenizer, precision)
+    optimizer = build_optimizer(model, cfg.optim, dp_group=ctx.dp_group, model_parallel_group=ctx.model_parallel_group,
+                                max_grad_norm=cfg.trainer.gradient_clip_val,
+                                master_weights=precision.needs_master_weights,
+                                loss_scaler=precision.loss_scaler(cfg.trainer.loss_scaler))
+    if ctx.is_logging_rank:
+        log.info("precision %s%s, optimizer %s (%s), optimizer state %.1f MB on this rank", precision.name,
+                 " O2" if precision.o2 else "", cfg.optim.name, type(optimizer).__name__, optimizer.state_bytes() / 2**20)
     sched = cfg.optim.sched
     scheduler = WarmupCosineSchedule(optimizer, cfg.optim.lr, sched.warmup_steps, cfg.trainer.max_steps,
                                      sched.min_lr, sched.name)
@@ -149,6 +161,7 @@ def build_trainer(cfg, ctx):
         context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
-                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data))
+                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data),
+                      precision=precision)
     trainer.train_loader = train_loader
     return trainer, iter(train_loader)

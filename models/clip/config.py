@@ -27,6 +27,12 @@ class VisionConfig:
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # gelu (open_clip), quick_gelu (OpenAI weights)
+    # Activation checkpointing (NeMo's keys): granularity full | selective | null; method uniform |
+    # block and num_layers for full. selective recomputes core attention only (megatron-core's other
+    # selective modules need Transformer Engine).
+    activations_checkpoint_granularity: Optional[str] = None
+    activations_checkpoint_method: Optional[str] = None
+    activations_checkpoint_num_layers: Optional[int] = None
 
     @property
     def num_patches(self) -> int:
@@ -56,6 +62,12 @@ class TextConfig:
     # otherwise the first position holding this id. The training script sets it from the tokenizer.
     eot_token_id: int = -1
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this x TP
+    # Activation checkpointing (NeMo's keys): granularity full | selective | null; method uniform |
+    # block and num_layers for full. selective recomputes core attention only (megatron-core's other
+    # selective modules need Transformer Engine).
+    activations_checkpoint_granularity: Optional[str] = None
+    activations_checkpoint_method: Optional[str] = None
+    activations_checkpoint_num_layers: Optional[int] = None
 
 
 @dataclass
@@ -67,5 +79,6 @@ class CLIPConfig:
     max_logit_scale: float = 100.0  # the scale is clamped to this after exp, as open_clip
     attention_backend: str = "sdpa"  # sdpa | flash | te
     use_flash_attention: bool = False  # NeMo's switch; true asks for flash-attn (falls back to sdpa)
+    megatron_amp_O2: bool = False  # with bf16/fp16: low-precision params, fp32 master weights and grads
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
