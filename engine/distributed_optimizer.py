@@ -8,10 +8,12 @@ GPU/NCCL:
   single all-gather straight into the parameters;
 - every parameter gets an fp32 `main_grad` view of one flat gradient buffer; a post-accumulate hook
   adds each micro-batch's gradient into it and frees the low-precision `.grad` (fp32 accumulation);
-- at the step, the gradient buffer is reduce-scattered over DP (sharded) or all-reduced (not);
-  each rank unscales, checks for inf/NaN (agreed over all ranks), clips by the global norm, and
-  runs Adam on its shard of the fp32 master weights with its shard of the moments; then the shards
-  are all-gathered back into the parameters.
+- the buffers are cut into buckets (reverse parameter order, as backward produces gradients); during
+  the last micro-batch's backward each bucket is reduce-scattered over DP (sharded) or all-reduced
+  (not) asynchronously as soon as its gradients are complete, overlapping with the rest of backward;
+- at the step each rank unscales, checks for inf/NaN (agreed over all ranks), clips by the global
+  norm, and runs Adam on its shard of the fp32 master weights with its shard of the moments; then
+  the shards are all-gathered back into the parameters, bucket by bucket.
 
 Optimizer state per rank: master + exp_avg + exp_avg_sq = 12 bytes per parameter / DP when sharded.
 """
@@ -44,10 +46,28 @@ class _Segment:
     counts_toward_norm: bool
 
 
+@dataclass
+class _Bucket:
+    """A contiguous range of the flat buffers, padded to a multiple of the DP size; rank r owns
+    chunk r of every bucket (so each bucket is reduce-scattered on its own, as soon as it is ready)."""
+
+    start: int
+    end: int
+    params: list
+    shard_offset: int  # where this rank's chunk sits in the shard vectors
+    pending: int = 0  # parameters whose gradient has not arrived in this backward
+    handle: object = None
+
+    @property
+    def chunk(self) -> int:
+        return self.end - self.start
+
+
 class FlatAdamW:
     def __init__(self, model: torch.nn.Module, dp_group, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, no_decay=lambda name, p: False, shard: bool = True,
-                 loss_scaler=None, max_grad_norm: float = 0.0, model_parallel_group=None):
+                 loss_scaler=None, max_grad_norm: float = 0.0, model_parallel_group=None,
+                 bucket_size: int = 40_000_000, overlap_grad_sync: bool = True):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) != 1:
@@ -61,40 +81,102 @@ class FlatAdamW:
         self.loss_scaler = loss_scaler or ConstantLossScaler()
         self.param_groups = [{"lr": lr}]  # what LR schedules write to
         self.step_count = 0
+        self.overlap = overlap_grad_sync and self.dp_size > 1
+        self._sync_armed = False
 
-        device, dtype = named[0][1].device, named[0][1].dtype
-        numel = sum(p.numel() for _, p in named)
         parts = self.dp_size if self.sharded else 1
-        self.shard_size = math.ceil(numel / parts)
-        padded = self.shard_size * parts
-        self.param_buffer = torch.zeros(padded, dtype=dtype, device=device)
-        self.grad_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
-        self.shard_start = self.dp_rank * self.shard_size if self.sharded else 0
-        shard_end = self.shard_start + self.shard_size
+        # Buckets follow the reverse parameter order, the order backward produces gradients in.
+        self.buckets: list[_Bucket] = []
+        layout, offset, shard_offset, current, current_numel = [], 0, 0, [], 0
+        for index, (name, p) in enumerate(reversed(named)):
+            current.append((name, p))
+            current_numel += p.numel()
+            if current_numel >= bucket_size or index == len(named) - 1:
+                padded = math.ceil(current_numel / parts) * parts
+                bucket = _Bucket(offset, offset + padded, [q for _, q in current], shard_offset)
+                self.buckets.append(bucket)
+                position = offset
+                for item in current:
+                    layout.append((item, position, bucket))
+                    position += item[1].numel()
+                offset += padded
+                shard_offset += padded // parts
+                current, current_numel = [], 0
+        device, dtype = named[0][1].device, named[0][1].dtype
+        self.param_buffer = torch.zeros(offset, dtype=dtype, device=device)
+        self.grad_buffer = torch.zeros(offset, dtype=torch.float32, device=device)
+        self.shard_numel = shard_offset
         self.segments: list[_Segment] = []
         self._hooks = []
-        offset = 0
-        for name, p in named:
+        for (name, p), position, bucket in layout:
             n = p.numel()
-            view = self.param_buffer[offset:offset + n].view_as(p)
+            view = self.param_buffer[position:position + n].view_as(p)
             view.copy_(p.data)
             p.data = view
-            p.main_grad = self.grad_buffer[offset:offset + n].view_as(p)
-            self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
-            lo, hi = max(offset, self.shard_start), min(offset + n, shard_end)
+            p.main_grad = self.grad_buffer[position:position + n].view_as(p)
+            p._flat_adamw_bucket = bucket
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+            chunk = bucket.chunk // parts
+            mine_lo = bucket.start + (self.dp_rank if self.sharded else 0) * chunk
+            lo, hi = max(position, mine_lo), min(position + n, mine_lo + chunk)
             if lo < hi:
-                self.segments.append(_Segment(p, lo - self.shard_start, hi - self.shard_start,
-                                              not no_decay(name, p), counts_toward_norm(p)))
-            offset += n
-        shard = slice(self.shard_start, shard_end)
-        self.master = self.param_buffer[shard].float().clone()
+                base = bucket.shard_offset - mine_lo
+                self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p)))
+        self.master = torch.cat([self._my_chunk(self.param_buffer, b) for b in self.buckets]).float()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.decay_mask = torch.zeros_like(self.master)
         for seg in self.segments:
             if seg.decay:
                 self.decay_mask[seg.start:seg.end] = 1.0
-        self._grad_shard = self.grad_buffer[shard] if not self.sharded else torch.zeros_like(self.master)
+        # Unsharded, the shard is the whole buffer in the same order: work on it in place.
+        self._grad_shard = torch.zeros_like(self.master) if self.sharded else self.grad_buffer
+
+    def _my_chunk(self, buffer: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
+        if not self.sharded:
+            return buffer[bucket.start:bucket.end]
+        chunk = bucket.chunk // self.dp_size
+        lo = bucket.start + self.dp_rank * chunk
+        return buffer[lo:lo + chunk]
+
+    # -- gradient synchronisation, overlapped with the last backward -------------------------------
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Called before each micro-batch's backward: on the last one, buckets are reduced over DP
+        as soon as all their gradients have arrived, while backward continues on earlier layers."""
+        self._sync_armed = self.overlap and last_micro_batch
+        for bucket in self.buckets:
+            bucket.pending = len(bucket.params)
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        """Post-accumulate hook: fold this backward's gradient into the fp32 buffer, free `.grad`,
+        and launch the bucket's reduction once its last gradient is in."""
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        bucket = param._flat_adamw_bucket
+        bucket.pending -= 1
+        if self._sync_armed and bucket.pending == 0 and bucket.handle is None:
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        grads = self.grad_buffer[bucket.start:bucket.end]
+        grads.div_(self.dp_size)
+        if self.sharded:
+            out = self._grad_shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk // self.dp_size]
+            bucket.handle = dist.reduce_scatter_tensor(out, grads, group=self.dp_group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
+
+    def _reduce_gradients(self) -> torch.Tensor:
+        if self.dp_size == 1:
+            return self._grad_shard
+        for bucket in self.buckets:  # buckets not launched during backward (no overlap, unused params)
+            if bucket.handle is None:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+        self._sync_armed = False
+        return self._grad_shard
 
     # -- interface used by the trainer ------------------------------------------------------------
     @property
@@ -129,16 +211,6 @@ class FlatAdamW:
         return StepResult(norm, False)
 
     # -- steps ------------------------------------------------------------------------------------
-    def _reduce_gradients(self) -> torch.Tensor:
-        if self.dp_size == 1:
-            return self._grad_shard
-        self.grad_buffer.div_(self.dp_size)
-        if self.sharded:
-            dist.reduce_scatter_tensor(self._grad_shard, self.grad_buffer, group=self.dp_group)
-        else:
-            dist.all_reduce(self.grad_buffer, group=self.dp_group)
-        return self._grad_shard
-
     def _global_norm(self, grad: torch.Tensor) -> float:
         sq = torch.zeros((), dtype=torch.float32, device=grad.device)
         for seg in self.segments:
@@ -164,20 +236,27 @@ class FlatAdamW:
         self.master.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
 
     def _publish_parameters(self) -> None:
-        shard = self.param_buffer[self.shard_start:self.shard_start + self.shard_size]
-        shard.copy_(self.master)
-        if self.sharded:
-            dist.all_gather_into_tensor(self.param_buffer, shard.clone(), group=self.dp_group)
+        handles = []
+        for bucket in self.buckets:
+            chunk = self._my_chunk(self.param_buffer, bucket)
+            chunk.copy_(self.master[bucket.shard_offset:bucket.shard_offset + chunk.numel()])
+            if self.sharded:
+                handles.append(dist.all_gather_into_tensor(self.param_buffer[bucket.start:bucket.end], chunk.clone(),
+                                                           group=self.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
 
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "master": self.master, "exp_avg": self.exp_avg,
                 "exp_avg_sq": self.exp_avg_sq, "loss_scaler": self.loss_scaler.state_dict(),
-                "lr": self.param_groups[0]["lr"], "shard_start": self.shard_start,
-                "shard_size": self.shard_size}
+                "lr": self.param_groups[0]["lr"], "layout": self._layout_signature()}
+
+    def _layout_signature(self) -> list:
+        return [self.dp_size if self.sharded else 1, self.dp_rank] + [(b.start, b.end) for b in self.buckets]
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["shard_start"], state["shard_size"]) != (self.shard_start, self.shard_size):
+        if state["layout"] != self._layout_signature():
             raise ValueError("optimizer shard layout differs from the checkpoint's; re-shard it first")
         self.step_count = state["step_count"]
         for name in ("master", "exp_avg", "exp_avg_sq"):
@@ -186,8 +265,3 @@ class FlatAdamW:
         self.param_groups[0]["lr"] = state["lr"]
         self._publish_parameters()
 
-
-def _accumulate_into_main_grad(param: torch.nn.Parameter) -> None:
-    """Post-accumulate hook: fold this backward's gradient into the fp32 buffer, free `.grad`."""
-    param.main_grad.add_(param.grad)
-    param.grad = None

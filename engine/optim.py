@@ -54,6 +54,9 @@ class ReplicatedAdamW:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Gradients are averaged in `step` (no overlap for the replicated optimizer)."""
+
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
                    for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
@@ -97,7 +100,8 @@ def build_optimizer(model: torch.nn.Module, cfg, *, dp_group=None, model_paralle
         return FlatAdamW(model, dp_group, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                          no_decay=exclude_from_weight_decay, shard=cfg.name == "distributed_fused_adam",
                          loss_scaler=loss_scaler, max_grad_norm=max_grad_norm,
-                         model_parallel_group=model_parallel_group)
+                         model_parallel_group=model_parallel_group, bucket_size=cfg.bucket_size,
+                         overlap_grad_sync=cfg.overlap_grad_sync)
     return ReplicatedAdamW(model, cfg, dp_group, max_grad_norm, loss_scaler)
 
 

@@ -50,6 +50,9 @@ class OptimConfig:
     weight_decay: float = 0.2
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1.0e-6
+    # distributed_fused_adam / O2: gradient buckets (elements) reduced over DP while backward runs
+    bucket_size: int = 40000000
+    overlap_grad_sync: bool = True
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 

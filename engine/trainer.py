@@ -60,8 +60,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.ctx.device)
         samples = tokens = 0
         scale = self.optimizer.loss_scale
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = next(data_iter)
+            self.optimizer.prepare_backward(last_micro_batch=micro == self.accum - 1)
             with self.precision.autocast(self.ctx.device) if self.precision else contextlib.nullcontext():
                 loss, info = self.forward_step(self.model, batch)
             (loss.float() * (scale / self.accum)).backward()

@@ -15,7 +15,8 @@ GLOBAL_BATCH = 8
 TOL = 2e-5
 
 
-def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_rank: int | None = None):
+def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_rank: int | None = None,
+           bucket_size: int = 40_000_000, overlap: bool = True):
     from engine.loss_scaler import DynamicLossScaler, LossScalerConfig
     from engine.optim import build_optimizer
     from engine.schema import OptimConfig
@@ -30,7 +31,8 @@ def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_ran
     if full_state is not None:
         model.load_state_dict(shard_full_state_dict(full_state, model, ctx.tp_rank, tp))
     initial = gather_full_state_dict(model, ctx.tp_group)
-    optim_cfg = OptimConfig(name=optimizer_name, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-6)
+    optim_cfg = OptimConfig(name=optimizer_name, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-6,
+                            bucket_size=bucket_size, overlap_grad_sync=overlap)
     scaler = DynamicLossScaler(LossScalerConfig(initial_scale=1024, hysteresis=2)) if inject_inf_rank is not None else None
     opt = build_optimizer(model, optim_cfg, dp_group=ctx.dp_group, model_parallel_group=ctx.model_parallel_group,
                           max_grad_norm=1.0, loss_scaler=scaler)
@@ -41,17 +43,23 @@ def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_ran
     for step in range(STEPS):
         images, tokens = tiny_batch(GLOBAL_BATCH, seed=100 + step, cfg=cfg)
         opt.zero_grad()
+        opt.prepare_backward(last_micro_batch=True)
         loss = loss_fn(*model(images[local], tokens[local]))
-        (loss * opt.loss_scale).backward()
+        handle = None
         if inject_inf_rank is not None and step < 2 and ctx.rank == inject_inf_rank:
-            grad = model.logit_scale.main_grad if hasattr(model.logit_scale, "main_grad") else model.logit_scale.grad
-            grad.fill_(float("inf"))
+            # An overflow in one element on one rank, during backward: after the reduce-scatter only
+            # the rank owning that element sees it, so the others must learn it from the agreed flag.
+            handle = model.logit_scale.register_hook(lambda g: torch.full_like(g, float("inf")))
+        (loss * opt.loss_scale).backward()
+        if handle is not None:
+            handle.remove()
         result = opt.step()
         norms.append(result.grad_norm)
         skipped.append(result.skipped)
         scales.append(opt.loss_scale)
     return {"state": gather_full_state_dict(model, ctx.tp_group), "initial": initial, "norms": norms,
-            "skipped": skipped, "scales": scales, "state_bytes": opt.state_bytes()}
+            "skipped": skipped, "scales": scales, "state_bytes": opt.state_bytes(),
+            "buckets": len(getattr(opt, "buckets", []))}
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +75,18 @@ def _assert_params(got: dict, want: dict):
         torch.testing.assert_close(value, tensor, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("tp,world", [(1, 2), (1, 4), (2, 4)])
-def test_zero1_matches_unsharded_adamw(reference, tp, world):
-    results = run_ranks(world, _train, tp, "distributed_fused_adam", reference["initial"])
+@pytest.mark.parametrize("tp,world,bucket_size,overlap", [
+    (1, 2, 40_000_000, True),  # one bucket
+    (1, 4, 20_000, True),  # several buckets, reduced while backward runs
+    (2, 4, 20_000, False),  # several buckets, reduced after backward
+])
+def test_zero1_matches_unsharded_adamw(reference, tp, world, bucket_size, overlap):
+    results = run_ranks(world, _train, tp, "distributed_fused_adam", reference["initial"], None, bucket_size, overlap)
     moved = max((reference["state"][k] - reference["initial"][k]).abs().max().item()
                 for k in reference["state"] if torch.is_tensor(reference["state"][k]))
     assert moved > 1e-3  # the comparison is about real updates
     for r in results:
+        assert (r["buckets"] > 1) == (bucket_size < 100_000)
         _assert_params(r["state"], reference["state"])
         assert r["norms"] == pytest.approx(reference["norms"], rel=1e-5)
         assert not any(r["skipped"])
