@@ -15,7 +15,8 @@ GPU/NCCL:
   norm, and runs Adam on its shard of the fp32 master weights with its shard of the moments; then
   the shards are all-gathered back into the parameters, bucket by bucket.
 
-Optimizer state per rank: master + exp_avg + exp_avg_sq = 12 bytes per parameter / DP when sharded.
+Optimizer state per rank, sharded: exp_avg + exp_avg_sq + the fp32 master copy for bf16/fp16
+parameters = 12 bytes per parameter / DP (8 / DP for fp32 parameters, which are their own master).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class _Segment:
     end: int
     decay: bool
     counts_toward_norm: bool
+    bucket: "_Bucket"
 
 
 @dataclass
@@ -121,16 +123,21 @@ class FlatAdamW:
             lo, hi = max(position, mine_lo), min(position + n, mine_lo + chunk)
             if lo < hi:
                 base = bucket.shard_offset - mine_lo
-                self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p)))
-        self.master = torch.cat([self._my_chunk(self.param_buffer, b) for b in self.buckets]).float()
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        self.decay_mask = torch.zeros_like(self.master)
-        for seg in self.segments:
-            if seg.decay:
-                self.decay_mask[seg.start:seg.end] = 1.0
+                self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p),
+                                              bucket))
+        # fp32 parameters are their own master weights (no copy); low-precision ones get an fp32 copy.
+        self.separate_master = dtype != torch.float32
+        own_chunks = [self._my_chunk(self.param_buffer, b) for b in self.buckets]
+        if self.separate_master:
+            flat_master = torch.cat(own_chunks).float()
+            self.master_chunks = [flat_master[b.shard_offset:b.shard_offset + c.numel()]
+                                  for b, c in zip(self.buckets, own_chunks)]
+        else:
+            self.master_chunks = own_chunks
+        self.exp_avg = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         # Unsharded, the shard is the whole buffer in the same order: work on it in place.
-        self._grad_shard = torch.zeros_like(self.master) if self.sharded else self.grad_buffer
+        self._grad_shard = torch.zeros_like(self.exp_avg) if self.sharded else self.grad_buffer
 
     def _my_chunk(self, buffer: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
         if not self.sharded:
@@ -187,8 +194,10 @@ class FlatAdamW:
         self.grad_buffer.zero_()
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held by this rank (master weights and both moments)."""
-        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
+        """Bytes of optimizer state held by this rank: both moments, and the fp32 master copy when
+        the parameters are low precision."""
+        master = sum(c.numel() * 4 for c in self.master_chunks) if self.separate_master else 0
+        return master + sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq))
 
     def step(self) -> StepResult:
         grad = self._reduce_gradients()
@@ -230,16 +239,26 @@ class FlatAdamW:
         bias2 = 1 - beta2 ** self.step_count
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if self.weight_decay:
-            self.master.mul_(1 - lr * self.weight_decay * self.decay_mask)  # decoupled (AdamW)
+        if self.weight_decay:  # decoupled (AdamW), only on the parameters that decay
+            for seg in self.segments:
+                if seg.decay:
+                    self._master_slice(seg.bucket, seg.start, seg.end).mul_(1 - lr * self.weight_decay)
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
-        self.master.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
+        update = self.exp_avg / denom
+        for bucket, master in zip(self.buckets, self.master_chunks):
+            master.add_(update[bucket.shard_offset:bucket.shard_offset + master.numel()], alpha=-lr / bias1)
+
+    def _master_slice(self, bucket: _Bucket, start: int, end: int) -> torch.Tensor:
+        """Master weights for shard positions [start, end) that lie in `bucket`."""
+        master = self.master_chunks[self.buckets.index(bucket)]
+        return master[start - bucket.shard_offset:end - bucket.shard_offset]
 
     def _publish_parameters(self) -> None:
         handles = []
-        for bucket in self.buckets:
+        for bucket, master in zip(self.buckets, self.master_chunks):
             chunk = self._my_chunk(self.param_buffer, bucket)
-            chunk.copy_(self.master[bucket.shard_offset:bucket.shard_offset + chunk.numel()])
+            if self.separate_master:
+                chunk.copy_(master)
             if self.sharded:
                 handles.append(dist.all_gather_into_tensor(self.param_buffer[bucket.start:bucket.end], chunk.clone(),
                                                            group=self.dp_group, async_op=True))
@@ -248,7 +267,7 @@ class FlatAdamW:
 
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "master": self.master, "exp_avg": self.exp_avg,
+        return {"step_count": self.step_count, "master": torch.cat(self.master_chunks).float(), "exp_avg": self.exp_avg,
                 "exp_avg_sq": self.exp_avg_sq, "loss_scaler": self.loss_scaler.state_dict(),
                 "lr": self.param_groups[0]["lr"], "layout": self._layout_signature()}
 
@@ -259,8 +278,10 @@ class FlatAdamW:
         if state["layout"] != self._layout_signature():
             raise ValueError("optimizer shard layout differs from the checkpoint's; re-shard it first")
         self.step_count = state["step_count"]
-        for name in ("master", "exp_avg", "exp_avg_sq"):
-            getattr(self, name).copy_(state[name])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        for bucket, master in zip(self.buckets, self.master_chunks):
+            master.copy_(state["master"][bucket.shard_offset:bucket.shard_offset + master.numel()])
         self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.param_groups[0]["lr"] = state["lr"]
         self._publish_parameters()

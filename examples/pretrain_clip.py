@@ -44,7 +44,7 @@ def main(argv: list[str]) -> dict:
     if ctx.dims.pp > 1:
         raise ParallelLayoutError("pipeline_model_parallel_size > 1 is not available yet for CLIP")
     try:
-        from engine.recipes.clip import build_trainer
+        from engine.recipes.clip import build_trainer, peak_rss_bytes
 
         if ctx.is_logging_rank:
             os.makedirs(cfg.trainer.output_dir, exist_ok=True)
@@ -53,7 +53,10 @@ def main(argv: list[str]) -> dict:
         trainer, data_iter = build_trainer(cfg, ctx)
         final = trainer.fit(data_iter)
         if ctx.is_logging_rank:
-            summary = {"step": trainer.state.step, "samples_seen": trainer.state.samples_seen, **final}
+            summary = {"step": trainer.state.step, "samples_seen": trainer.state.samples_seen,
+                       "skipped_steps": trainer.state.total_skipped,
+                       "rss_before_model_mib": trainer.rss_before_model / 2**20,
+                       "peak_rss_mib": peak_rss_bytes() / 2**20, **final}
             logging.getLogger("engine").info("final: %s", json.dumps(summary))
             with open(os.path.join(cfg.trainer.output_dir, "final_metrics.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)

@@ -139,6 +139,7 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
 def build_trainer(cfg, ctx):
     """Everything a CLIP run needs; returns (trainer, train data iterator)."""
     data = prepare_data(cfg, ctx)
+    rss_before_model = current_rss_bytes()
     precision = plan_precision(cfg.trainer.precision, cfg.model.megatron_amp_O2, ctx.device)
     model = build_model(cfg, ctx, data.tokenizer, precision)
     optimizer = build_optimizer(model, cfg.optim, dp_group=ctx.dp_group, model_parallel_group=ctx.model_parallel_group,
@@ -164,4 +165,18 @@ def build_trainer(cfg, ctx):
                       partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data),
                       precision=precision)
     trainer.train_loader = train_loader
+    trainer.rss_before_model = rss_before_model
     return trainer, iter(train_loader)
+
+
+def current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -47,7 +47,7 @@ def _run(precision: str, o2: bool, optimizer_name: str, full_state: dict | None)
         skipped.append(opt.step().skipped)
         losses.append(loss.item())
     dtypes = {p.dtype for p in model.parameters()}
-    master_dtype = opt.master.dtype if hasattr(opt, "master") else None
+    master_dtype = opt.master_chunks[0].dtype if hasattr(opt, "master_chunks") else None
     main_grad_dtypes = {p.main_grad.dtype for p in model.parameters() if hasattr(p, "main_grad")}
     return {"losses": losses, "skipped": skipped, "initial": initial, "param_dtypes": dtypes,
             "master_dtype": master_dtype, "main_grad_dtypes": main_grad_dtypes}

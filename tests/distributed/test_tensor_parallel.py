@@ -12,6 +12,7 @@ def _run_clip(tp: int, full_state: dict | None):
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
     from engine.grad_norm import global_grad_norm
+    from engine.memory_estimate import params_per_rank
     from parallel.context import initialize_parallel
     from parallel.tp_sharding import gather_full_grads, gather_full_state_dict, shard_full_state_dict
 
@@ -32,6 +33,8 @@ def _run_clip(tp: int, full_state: dict | None):
         "text": text_features.detach(),
         "loss": loss.detach(),
         "grad_norm": global_grad_norm(list(model.parameters())),
+        "local_params": sum(p.numel() for p in model.parameters()),
+        "predicted_params": params_per_rank(cfg, tp),
     }
 
 
@@ -49,6 +52,7 @@ def test_tp_matches_single_process(reference, tp):
         torch.testing.assert_close(res["loss"], reference["loss"], atol=TOL, rtol=TOL)
         # Replicated parameters are counted once, TP shards summed: the same global norm as TP=1.
         torch.testing.assert_close(res["grad_norm"], reference["grad_norm"], atol=TOL, rtol=TOL)
+        assert res["local_params"] == res["predicted_params"]  # the memory estimator's TP split
         assert res["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             # Vocab padding may differ with TP: compare the rows both layouts hold.

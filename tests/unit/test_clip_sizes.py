@@ -66,3 +66,11 @@ def test_parameter_count_matches_table(single_rank, size):
 def test_output_dim_interpolates_into_towers(single_rank):
     cfg = load_config(ExperimentConfig, "configs/clip/l14.yaml", ["model.output_dim=123"])
     assert cfg.model.vision.output_dim == 123 and cfg.model.text.output_dim == 123
+
+
+@pytest.mark.parametrize("size", list(TABLE))
+def test_memory_estimator_counts_the_built_model(single_rank, size):
+    from engine.memory_estimate import params_per_rank
+
+    cfg = load_config(ExperimentConfig, f"configs/clip/{size}.yaml")
+    assert params_per_rank(cfg.model, tp=1) == count_parameters(build_on_meta(size))
