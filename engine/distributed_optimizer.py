@@ -30,6 +30,9 @@ from engine.grad_norm import counts_toward_norm
 from engine.loss_scaler import ConstantLossScaler
 
 
+ADAM_SLICE = 1 << 22  # elements updated at a time (bounds the temporary to 16 MB in fp32)
+
+
 @dataclass
 class StepResult:
     grad_norm: float
@@ -236,17 +239,21 @@ class FlatAdamW:
         lr = self.param_groups[0]["lr"]
         beta1, beta2 = self.betas
         bias1 = 1 - beta1 ** self.step_count
-        bias2 = 1 - beta2 ** self.step_count
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
         if self.weight_decay:  # decoupled (AdamW), only on the parameters that decay
             for seg in self.segments:
                 if seg.decay:
                     self._master_slice(seg.bucket, seg.start, seg.end).mul_(1 - lr * self.weight_decay)
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
-        update = self.exp_avg / denom
+        # In slices, so the one temporary (the denominator) stays small next to the state.
         for bucket, master in zip(self.buckets, self.master_chunks):
-            master.add_(update[bucket.shard_offset:bucket.shard_offset + master.numel()], alpha=-lr / bias1)
+            for lo in range(0, master.numel(), ADAM_SLICE):
+                hi = min(lo + ADAM_SLICE, master.numel())
+                at = slice(bucket.shard_offset + lo, bucket.shard_offset + hi)
+                g, m, v = grad[at], self.exp_avg[at], self.exp_avg_sq[at]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+                master[lo:hi].addcdiv_(m, denom, value=-lr / bias1)
 
     def _master_slice(self, bucket: _Bucket, start: int, end: int) -> torch.Tensor:
         """Master weights for shard positions [start, end) that lie in `bucket`."""
