@@ -108,7 +108,9 @@ class FlatAdamW:
                 shard_offset += padded // parts
                 current, current_numel = [], 0
         device, dtype = named[0][1].device, named[0][1].dtype
-        self.param_buffer = torch.zeros(offset, dtype=dtype, device=device)
+        # `empty`, not `zeros`: pages are only touched as each parameter is copied in and its old
+        # storage freed, so building the buffer does not hold every parameter twice.
+        self.param_buffer = torch.empty(offset, dtype=dtype, device=device)
         self.grad_buffer = torch.zeros(offset, dtype=torch.float32, device=device)
         self.shard_numel = shard_offset
         self.segments: list[_Segment] = []
@@ -128,6 +130,9 @@ class FlatAdamW:
                 base = bucket.shard_offset - mine_lo
                 self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p),
                                               bucket))
+        for bucket in self.buckets:  # padding at the end of each bucket: defined values
+            used = sum(p.numel() for p in bucket.params)
+            self.param_buffer[bucket.start + used:bucket.end].zero_()
         # fp32 parameters are their own master weights (no copy); low-precision ones get an fp32 copy.
         self.separate_master = dtype != torch.float32
         own_chunks = [self._my_chunk(self.param_buffer, b) for b in self.buckets]
