@@ -15,17 +15,14 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
+from engine_runner import run_engine  # noqa: E402
 from openclip_trainer import run_openclip_trainer  # noqa: E402
 
 # Model presets: our config file + the global batch used for both sides.
@@ -34,29 +31,18 @@ MODELS = {
     "b32": {"config": "configs/clip/b32.yaml", "batch": 16},
 }
 LAYOUTS = [(1, 2), (2, 1)]  # (TP, DP) on 2 processes
-STEP_RE = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) s/step")
 
 
 def engine_run(python: str, model: str, tp: int, dp: int, steps: int, warmup: int, shards_dir: str) -> dict:
     spec = MODELS[model]
     batch = spec["batch"]
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * dp),
-               os.path.join(ROOT, "examples/pretrain_clip.py"), "--config", os.path.join(ROOT, spec["config"]),
-               f"tensor_model_parallel_size={tp}", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
-               "trainer.val_check_interval=0", "eval.zero_shot=false", "eval.retrieval=false",
-               f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch // dp}",
-               "model.text.vocab_size=49408", f"data.synthetic.out_dir={shards_dir}",
-               f"trainer.output_dir={out}", "optim.sched.warmup_steps=0", "data.shuffle_buffer=256",
-               "device=cpu"]
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine run failed:\n{proc.stderr[-4000:]}")
-        times = [float(t) for step, t in STEP_RE.findall(proc.stderr + proc.stdout) if int(step) > warmup]
-    step_time = sum(times) / len(times)
-    return {"samples_per_s": batch / step_time, "step_time_s": step_time, "steps": len(times),
-            "batch": batch, "wall_s": round(time.time() - t0, 1)}
+    res = run_engine(spec["config"], tp * dp,
+                     [f"tensor_model_parallel_size={tp}", f"trainer.global_batch_size={batch}",
+                      f"trainer.micro_batch_size={batch // dp}", "model.text.vocab_size=49408",
+                      "optim.sched.warmup_steps=0", "data.shuffle_buffer=256"],
+                     steps, warmup, shards_dir, python=python)
+    return {"samples_per_s": batch / res["step_time_s"], "step_time_s": res["step_time_s"],
+            "steps": len(res["step_times"]), "batch": batch}
 
 
 def openclip_dims(config_path: str) -> dict:

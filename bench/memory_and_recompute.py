@@ -13,14 +13,14 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from engine_runner import run_engine  # noqa: E402
 
 MODELS = {"tiny": ("configs/clip/tiny.yaml", 128), "b32": ("configs/clip/b32.yaml", 16)}
 VARIANTS = {
@@ -31,31 +31,21 @@ VARIANTS = {
 }
 VARIANTS["zero1-no-overlap"] = VARIANTS["zero1"] + ["optim.overlap_grad_sync=false"]
 VARIANTS["recompute+zero1"] = VARIANTS["recompute"] + VARIANTS["zero1"]
-STEP_RE = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) s/step")
 
 
 def run(model: str, variant: str, steps: int, warmup: int, shards: str) -> dict:
     config, batch = MODELS[model]
-    with tempfile.TemporaryDirectory() as out:
-        overrides = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
-                     "eval.zero_shot=false", "eval.retrieval=false", f"trainer.global_batch_size={batch}",
-                     f"trainer.micro_batch_size={batch // 2}", f"data.synthetic.out_dir={shards}",
-                     f"trainer.output_dir={out}", "device=cpu", "data.shuffle_buffer=64", *VARIANTS[variant]]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               os.path.join(ROOT, "examples/pretrain_clip.py"), "--config", os.path.join(ROOT, config), *overrides]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        with open(os.path.join(out, "final_metrics.json")) as fh:
-            final = json.load(fh)
-    times = [float(t) for step, t in STEP_RE.findall(proc.stderr + proc.stdout) if int(step) > warmup]
+    overrides = [f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch // 2}",
+                 "data.shuffle_buffer=64", *VARIANTS[variant]]
+    res = run_engine(config, 2, overrides, steps, warmup, shards)
+    final = res["final"]
     from engine.config import load_config
     from engine.memory_estimate import estimate
     from engine.schema import BARE_KEYS, ExperimentConfig
 
     cfg = load_config(ExperimentConfig, os.path.join(ROOT, config), overrides, BARE_KEYS)
     predicted = estimate(cfg, tp=1, pp=1, dp=2)
-    return {"model": model, "variant": variant, "step_time_s": sum(times) / len(times),
+    return {"model": model, "variant": variant, "step_time_s": res["step_time_s"],
             "measured_mib": final["peak_rss_mib"] - final["rss_before_model_mib"],
             "predicted_mib": predicted["total_bytes"] / 2**20,
             "predicted_activation_mib": predicted["activation_bytes"] / 2**20,

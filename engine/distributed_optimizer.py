@@ -81,7 +81,7 @@ class FlatAdamW:
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.sharded = shard and self.dp_size > 1
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.max_grad_norm = max_grad_norm
         self.loss_scaler = loss_scaler or ConstantLossScaler()
         self.param_groups = [{"lr": lr}]  # what LR schedules write to

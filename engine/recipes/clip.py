@@ -7,11 +7,10 @@ import os
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 import torch.distributed as dist
 
 from data.pipeline import build_clip_dataloader, expand_shards
-from data.synthetic import generate_shapes_dataset, load_classes, read_captions
+from data.synthetic import generate_shapes_dataset, read_captions
 from data.tokenizers import Tokenizer, build_tokenizer
 from data.transforms import build_image_transform
 from engine.evaluation import class_embeddings, collect_features, retrieval_recall, zero_shot_accuracy
