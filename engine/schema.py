@@ -18,6 +18,8 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Megatron sequence parallelism (TP > 1): norms/dropout run on a 1/TP slice of the sequence
+    sequence_parallel: bool = False
     device: str = "auto"  # auto (GPU when visible), cpu or cuda; the backend follows (nccl / gloo)
     distributed_timeout_minutes: float = 10.0
 
@@ -108,5 +110,7 @@ class ExperimentConfig:
 BARE_KEYS = {
     "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
     "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "sequence_parallel": "parallel.sequence_parallel",
+    "sequence_parallel": "parallel.sequence_parallel",
     "device": "parallel.device",
 }
