@@ -1,0 +1,232 @@
+"""This project's CLIP state dict layout, megatron's fused QKV, and the conversion errors.
+
+The names and shapes here are those of `CLIPModel(cfg).state_dict()` at TP=1/PP=1 with the local
+(sdpa/flash) layer spec, computed from the config alone so that conversion needs no process group
+and allocates nothing (a unit test checks them against a real model).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+from models.clip.config import CLIPConfig
+
+# Per transformer layer, our parameter names (relative to `<tower>.transformer.layers.<i>.`).
+LN1_W, LN1_B = "input_layernorm.weight", "input_layernorm.bias"
+QKV_W, QKV_B = "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"
+PROJ_W, PROJ_B = "self_attention.linear_proj.weight", "self_attention.linear_proj.bias"
+LN2_W, LN2_B = "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias"
+FC1_W, FC1_B = "mlp.linear_fc1.weight", "mlp.linear_fc1.bias"
+FC2_W, FC2_B = "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"
+# megatron's linears carry an `_extra_state` entry (None without Transformer Engine).
+EXTRA_STATES = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
+                "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
+
+MAX_LISTED = 40  # names listed per category in a mismatch error before "... and N more"
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not match the architecture: lists missing, unexpected and mis-shaped keys."""
+
+    def __init__(self, what: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                 mismatched: Iterable[tuple] = (), hint: str = ""):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)  # (name, found shape, expected shape)
+        lines = [f"{what} does not match the architecture: {len(self.missing)} missing, "
+                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
+        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                             ("shape mismatches", [f"{n}: found {tuple(f)}, expected {tuple(e)}"
+                                                   for n, f, e in self.mismatched])):
+            if items:
+                lines.append(f"  {title}:")
+                lines += [f"    {item}" for item in items[:MAX_LISTED]]
+                if len(items) > MAX_LISTED:
+                    lines.append(f"    ... and {len(items) - MAX_LISTED} more")
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is missing, truncated or corrupt; the message names the file."""
+
+    def __init__(self, path, reason):
+        self.path = str(path)
+        super().__init__(f"cannot read checkpoint file {self.path}: {reason}")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The source model has a feature this project's CLIP does not implement."""
+
+
+def output_dims(cfg: CLIPConfig) -> tuple[int, int]:
+    """The towers' projection widths, resolving the `${model.output_dim}` default."""
+    def resolve(value):
+        return cfg.output_dim if isinstance(value, str) else int(value)
+    return resolve(cfg.vision.output_dim), resolve(cfg.text.output_dim)
+
+
+def resolved_config(cfg: CLIPConfig) -> CLIPConfig:
+    """A copy with the towers' `output_dim` interpolations replaced by numbers."""
+    cfg = copy.deepcopy(cfg)
+    cfg.vision.output_dim, cfg.text.output_dim = output_dims(cfg)
+    return cfg
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Megatron's vocab padding (models.clip.towers.padded_vocab_size for a given TP size)."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def _tower_layer_shapes(prefix: str, num_layers: int, width: int, ffn: int) -> dict:
+    shapes = {}
+    for i in range(num_layers):
+        p = f"{prefix}.transformer.layers.{i}."
+        shapes.update({
+            p + LN1_W: (width,), p + LN1_B: (width,),
+            p + PROJ_W: (width, width), p + PROJ_B: (width,),
+            p + QKV_W: (3 * width, width), p + QKV_B: (3 * width,),
+            p + LN2_W: (width,), p + LN2_B: (width,),
+            p + FC1_W: (ffn, width), p + FC1_B: (ffn,),
+            p + FC2_W: (width, ffn), p + FC2_B: (width,),
+        })
+        for extra in EXTRA_STATES:
+            shapes[p + extra] = None
+    shapes[f"{prefix}.transformer.final_layernorm.weight"] = (width,)
+    shapes[f"{prefix}.transformer.final_layernorm.bias"] = (width,)
+    return shapes
+
+
+def expected_clip_shapes(cfg: CLIPConfig, tp: int = 1) -> dict:
+    """Name -> shape of `CLIPModel(cfg).state_dict()` at TP=1 (None for `_extra_state` entries).
+
+    `tp` only changes the vocab padding of `text.token_embedding.weight` (the full, gathered size).
+    """
+    v, t = cfg.vision, cfg.text
+    v_out, t_out = output_dims(cfg)
+    vw, tw = v.hidden_size, t.hidden_size
+    shapes = {"logit_scale": ()}
+    shapes.update({
+        "visual.class_embedding": (v.class_token_length, vw),
+        "visual.positional_embedding": (v.seq_length, vw),
+        "visual.conv1.weight": (vw, v.num_channels, v.patch_dim, v.patch_dim),
+        "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+    })
+    shapes.update(_tower_layer_shapes("visual", v.num_layers, vw, v.ffn_hidden_size))
+    shapes["visual.proj.weight"] = (v_out, vw)
+    shapes["text.positional_embedding"] = (t.encoder_seq_length, tw)
+    shapes["text.token_embedding.weight"] = (padded_vocab(t.vocab_size, t.make_vocab_size_divisible_by, tp), tw)
+    shapes.update(_tower_layer_shapes("text", t.num_layers, tw, t.ffn_hidden_size))
+    shapes["text.text_projection.weight"] = (t_out, tw)
+    return shapes
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Separate q, k, v projections ([h, ...] each) -> megatron's `linear_qkv` ([3h, ...]).
+
+    megatron-core's SelfAttention reads the fused output as [groups, (heads/group + 2) * head_dim]
+    (attention.py, get_query_key_value_tensors); with one head per group (plain multi-head
+    attention) the rows go head by head: q_0 k_0 v_0 | q_1 k_1 v_1 | ... each head_dim rows, so a
+    contiguous TP chunk on dim 0 holds whole heads.
+    """
+    h = q.shape[0]
+    if h % num_heads:
+        raise ValueError(f"projection width {h} is not divisible by num_heads={num_heads}")
+    rest = q.shape[1:]
+    parts = [x.reshape(num_heads, h // num_heads, *rest) for x in (q, k, v)]
+    return torch.stack(parts, dim=1).reshape(3 * h, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`: megatron's fused [3h, ...] -> (q, k, v), each [h, ...]."""
+    h3 = qkv.shape[0]
+    if h3 % (3 * num_heads):
+        raise ValueError(f"fused QKV rows {h3} are not divisible by 3 x num_heads={num_heads}")
+    h, rest = h3 // 3, qkv.shape[1:]
+    grouped = qkv.reshape(num_heads, 3, h // num_heads, *rest)
+    return tuple(grouped[:, i].reshape(h, *rest).contiguous() for i in range(3))
+
+
+def _shape(value) -> Optional[tuple]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def check_keys_and_shapes(state: Mapping, expected: Mapping, what: str, *, ignore: Iterable[str] = (),
+                          flexible_rows: Iterable[str] = (), hint: str = "") -> None:
+    """Raise one `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key.
+
+    `expected` maps names to shapes (None: a non-tensor entry whose presence is optional).
+    `ignore`: names accepted in `state` and dropped by the converter (buffers such as position_ids).
+    `flexible_rows`: names whose dim 0 may be larger than expected (vocab padding).
+    """
+    ignore, flexible_rows = set(ignore), set(flexible_rows)
+    missing = [n for n, s in expected.items() if s is not None and n not in state]
+    unexpected = [n for n in state if n not in expected and n not in ignore]
+    mismatched = []
+    for name, want in expected.items():
+        if want is None or name not in state:
+            continue
+        got = _shape(state[name])
+        if got is None:
+            mismatched.append((name, ("not a tensor",), want))
+        elif got != tuple(want):
+            if name in flexible_rows and len(got) == len(want) and got[1:] == tuple(want[1:]) and got[0] >= want[0]:
+                continue
+            mismatched.append((name, got, want))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
+
+
+def with_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Trim or zero-pad the token embedding to `rows` rows."""
+    if weight.shape[0] >= rows:
+        return weight[:rows]
+    pad = weight.new_zeros((rows - weight.shape[0], *weight.shape[1:]))
+    return torch.cat([weight, pad], dim=0)
+
+
+def add_extra_states(state: dict, cfg: CLIPConfig) -> dict:
+    """Add megatron's `_extra_state` entries (None) so `load_state_dict(strict=True)` accepts it."""
+    for prefix, tower in (("visual", cfg.vision), ("text", cfg.text)):
+        for i in range(tower.num_layers):
+            for extra in EXTRA_STATES:
+                state.setdefault(f"{prefix}.transformer.layers.{i}.{extra}", None)
+    return state
+
+
+def check_clip_state_dict(state: Mapping, cfg: CLIPConfig, what: str = "CLIP state dict") -> None:
+    """Check a full (TP=1) state dict of our CLIP; the vocab may carry any amount of padding."""
+    check_keys_and_shapes(state, expected_clip_shapes(cfg), what, flexible_rows={"text.token_embedding.weight"},
+                          hint="(expected the full TP=1/PP=1 state dict of models.clip.model.CLIPModel with the "
+                               "local layer spec; gather a TP-sharded model with "
+                               "parallel.tp_sharding.gather_full_state_dict)")
+    rows = state["text.token_embedding.weight"].shape[0]
+    if rows < cfg.text.vocab_size:
+        raise CheckpointMismatchError(what, mismatched=[("text.token_embedding.weight", (rows,), (cfg.text.vocab_size,))])
+
+
+def check_divisible(width: int, heads: int, what: str) -> None:
+    if heads <= 0 or width % heads:
+        raise UnsupportedArchitectureError(f"{what}: width {width} is not divisible by {heads} heads")
+
+
+def ffn_size(width: int, mlp_ratio: float) -> int:
+    """open_clip's MLP width: int(width * mlp_ratio) (g/14: int(1408 * 4.3637) = 6143)."""
+    return int(width * mlp_ratio)
+
+
+def describe_file_error(path: str | os.PathLike, exc: BaseException) -> CheckpointFileError:
+    if isinstance(exc, FileNotFoundError) or not os.path.exists(path):
+        return CheckpointFileError(path, "no such file")
+    size = os.path.getsize(path)
+    return CheckpointFileError(path, f"truncated or corrupt ({size} bytes; {type(exc).__name__}: {exc})")
+
+
+def isclose_ratio(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6)
