@@ -26,12 +26,15 @@ from typing import Mapping, Optional
 import torch
 
 from conversion.clip_layout import (
-    FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
+    CheckpointFileError, FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
     UnsupportedArchitectureError, add_extra_states, check_clip_state_dict, check_divisible,
     check_keys_and_shapes, ffn_size, fuse_qkv, output_dims, padded_vocab, split_qkv, with_vocab_rows,
 )
+from conversion.files import load_tensor_file, save_tensor_file
 from models.clip.config import CLIPConfig, TextConfig, VisionConfig
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, open_clip's default
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_EPS = 1e-5  # torch.nn.LayerNorm's, which open_clip uses unless norm_kwargs says otherwise
 
 # open_clip's own model configs (open_clip/model_configs/<name>.json, open_clip_torch 3.3) for the
@@ -98,7 +101,7 @@ def openclip_model_config(name_or_path: str) -> dict:
                     return json.load(f)
     if name_or_path in BUILTIN_MODEL_CONFIGS:
         return json.loads(json.dumps(BUILTIN_MODEL_CONFIGS[name_or_path]))
-    raise KeyError(f"unknown open_clip model {name_or_path!r}: give a JSON config file or one of "
+    raise UnsupportedArchitectureError(f"unknown open_clip model {name_or_path!r}: give a JSON config file or one of "
                    f"{', '.join(sorted(BUILTIN_MODEL_CONFIGS))} (more with open_clip installed)")
 
 
@@ -417,3 +420,54 @@ def import_openclip(state: Mapping, model_cfg: Mapping) -> tuple[CLIPConfig, dic
 def export_openclip(state: Mapping, cfg: CLIPConfig, text_prefix: str = "") -> tuple[dict, dict]:
     """(open_clip model config, open_clip state dict) from our config and full state dict."""
     return openclip_config_from_clip(cfg), clip_to_openclip_state_dict(state, cfg, text_prefix)
+
+
+# open_clip's `local-dir:` layout (open_clip.create_model('local-dir:/path') reads it).
+OPENCLIP_CONFIG_NAME = "open_clip_config.json"
+OPENCLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                         "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+
+def read_openclip(path: str) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """(state dict, model config or None, preprocess config or None) from a state dict file, or
+    from a `local-dir:` directory holding open_clip_config.json and open_clip_model.safetensors."""
+    if os.path.isdir(path):
+        config_path = os.path.join(path, OPENCLIP_CONFIG_NAME)
+        model_cfg = preprocess_cfg = None
+        if os.path.isfile(config_path):
+            try:
+                with open(config_path) as f:
+                    full = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise CheckpointFileError(config_path, f"truncated or corrupt JSON ({exc})") from exc
+            model_cfg, preprocess_cfg = full.get("model_cfg", full), full.get("preprocess_cfg")
+        for name in OPENCLIP_WEIGHT_NAMES:
+            weights = os.path.join(path, name)
+            if os.path.isfile(weights):
+                return load_tensor_file(weights), model_cfg, preprocess_cfg
+        raise CheckpointFileError(os.path.join(path, OPENCLIP_WEIGHT_NAMES[0]),
+                                  f"no such file (nor {', '.join(OPENCLIP_WEIGHT_NAMES[1:])})")
+    return load_tensor_file(path), None, None
+
+
+def write_openclip(state: Mapping, model_cfg: Mapping, out: str, dtype: Optional[torch.dtype] = None,
+                   image_mean=None, image_std=None) -> list[str]:
+    """Write an open_clip state dict. `out` ending in .safetensors/.pt/.pth/.bin: that one file
+    (plus `<out>.json`, the model config); otherwise a directory in open_clip's `local-dir:` layout
+    (open_clip_config.json + open_clip_model.safetensors). Returns the paths written."""
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    if out.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        weights, config_path, config = out, out + ".json", dict(model_cfg)
+    else:
+        os.makedirs(out, exist_ok=True)
+        weights, config_path = os.path.join(out, OPENCLIP_WEIGHT_NAMES[0]), os.path.join(out, OPENCLIP_CONFIG_NAME)
+        config = {"model_cfg": dict(model_cfg),
+                  "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mode": "RGB",
+                                     "mean": list(image_mean or CLIP_MEAN), "std": list(image_std or CLIP_STD),
+                                     "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}}
+    save_tensor_file(state, weights)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return [weights, config_path]
