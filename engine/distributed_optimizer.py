@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from engine.grad_norm import counts_toward_norm
 from engine.loss_scaler import ConstantLossScaler
-
+from parallel.sequence_parallel import allreduce_over_tp, is_sequence_parallel
 
 ADAM_SLICE = 1 << 22  # elements updated at a time (bounds the temporary to 16 MB in fp32)
 
@@ -48,7 +48,8 @@ class _Segment:
     end: int
     decay: bool
     counts_toward_norm: bool
-    bucket: "_Bucket"
+    bucket: _Bucket
+    param_offset: int = 0  # the parameter's (flattened) element where this segment starts
 
 
 @dataclass
@@ -129,7 +130,7 @@ class FlatAdamW:
             if lo < hi:
                 base = bucket.shard_offset - mine_lo
                 self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p),
-                                              bucket))
+                                              bucket, lo - position))
         for bucket in self.buckets:  # padding at the end of each bucket: defined values
             used = sum(p.numel() for p in bucket.params)
             self.param_buffer[bucket.start + used:bucket.end].zero_()
@@ -209,6 +210,8 @@ class FlatAdamW:
 
     def step(self) -> StepResult:
         grad = self._reduce_gradients()
+        # Sequence-parallel norms' partial gradients: summed over TP (same shard layout on every TP rank).
+        allreduce_over_tp([grad[seg.start:seg.end] for seg in self.segments if is_sequence_parallel(seg.param)])
         scale = self.loss_scaler.scale
         if scale != 1.0:
             grad.mul_(1.0 / scale)
@@ -278,6 +281,39 @@ class FlatAdamW:
             handle.wait()
 
     # -- checkpoint state -------------------------------------------------------------------------
+    # Layout-independent form (engine/checkpoint): per parameter, the elements this rank owns and
+    # views of their moments (and fp32 master weights when separate). Writing into the views loads.
+    def checkpoint_slices(self) -> list:
+        """[(param, first flattened element, {"exp_avg", "exp_avg_sq"[, "master"]: 1-d views})] for
+        every parameter range in this rank's shard (a parameter may be split over DP ranks)."""
+        out = []
+        for seg in self.segments:
+            views = {"exp_avg": self.exp_avg[seg.start:seg.end], "exp_avg_sq": self.exp_avg_sq[seg.start:seg.end]}
+            if self.separate_master:
+                views["master"] = self._master_slice(seg.bucket, seg.start, seg.end)
+            out.append((seg.param, seg.param_offset, views))
+        return out
+
+    @property
+    def checkpoint_step(self) -> int:
+        """Adam's step count (bias correction)."""
+        return self.step_count
+
+    @checkpoint_step.setter
+    def checkpoint_step(self, value: int) -> None:
+        self.step_count = int(value)
+
+    def after_checkpoint_load(self, master_loaded: bool) -> None:
+        """After parameters (and maybe moments/master) were written in place: without a stored
+        master copy, take it from the loaded parameters; with one, make the parameters agree."""
+        if not self.separate_master:
+            return
+        if master_loaded:
+            self._publish_parameters()
+        else:
+            for bucket, master in zip(self.buckets, self.master_chunks):
+                master.copy_(self._my_chunk(self.param_buffer, bucket))
+
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "master": torch.cat(self.master_chunks).float(), "exp_avg": self.exp_avg,
                 "exp_avg_sq": self.exp_avg_sq, "loss_scaler": self.loss_scaler.state_dict(),

@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from engine.distributed_optimizer import FlatAdamW, StepResult
 from engine.grad_norm import clip_grad_norm
 from engine.loss_scaler import ConstantLossScaler
 from parallel.data_parallel import GradientAverager
+from parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 # Parameters that should not be decayed (open_clip / CLIP practice): gains and biases of norms,
 # all biases, embeddings and learned positions, class tokens, and the temperature.
@@ -63,6 +65,7 @@ class ReplicatedAdamW:
 
     def step(self) -> StepResult:
         self.averager.average()
+        allreduce_sequence_parallel_grads(self.params)
         if self.loss_scale != 1.0:
             for p in self.params:
                 if p.grad is not None:
@@ -75,6 +78,38 @@ class ReplicatedAdamW:
         if not skipped:
             self.optimizer.step()
         return StepResult(norm.item(), skipped)
+
+    # -- checkpoint state (engine/checkpoint): per-parameter views, the same form as FlatAdamW's ----
+    def checkpoint_slices(self) -> list:
+        """[(param, 0, {"exp_avg", "exp_avg_sq": 1-d views})] for every parameter. Before the first
+        step the state is created as torch's first step would (zeros, step 0), so it can be loaded into."""
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                out.append((p, 0, {"exp_avg": state["exp_avg"].view(-1), "exp_avg_sq": state["exp_avg_sq"].view(-1)}))
+        return out
+
+    @property
+    def checkpoint_step(self) -> int:
+        """Adam's step count (the same for every parameter here)."""
+        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return max(steps, default=0)
+
+    @checkpoint_step.setter
+    def checkpoint_step(self, value: int) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if state:
+                    state["step"] = torch.tensor(float(value), dtype=_get_scalar_dtype())
+
+    def after_checkpoint_load(self, master_loaded: bool) -> None:
+        """Nothing to do: parameters are their own master weights."""
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "loss_scaler": self.loss_scaler.state_dict()}

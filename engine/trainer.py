@@ -1,12 +1,12 @@
 """A step-based training loop that any model family plugs into through `forward_step`.
 
-`forward_step(model, batch) -> (loss, {"samples": n, "tokens": n})` is the only model-specific
-piece; gradient accumulation, DP averaging, clipping, the optimizer and schedule, non-finite
-steps, logging and evaluation are the same for CLIP, the DiT and the VLM.
+`forward_step(model, batch, inputs) -> (loss or message, {"samples": n, "tokens": n})` is the only
+model-specific piece (see `engine.schedules`); gradient accumulation and the pipeline schedule, DP
+averaging, clipping, the optimizer and LR schedule, non-finite steps, logging and evaluation are
+the same for CLIP, the DiT and the VLM.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
+from engine.schedules import forward_backward
 
 log = logging.getLogger("engine")
 
@@ -42,44 +43,46 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, eval_fn=None, precision=None):
-        """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `optimizer` a `ReplicatedAdamW` or
-        `FlatAdamW` (it syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a
-        `PrecisionPlan` (autocast context for the forward pass)."""
+    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, eval_fn=None, precision=None, link=None):
+        """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
+        `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
+        syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
+        context for the forward pass); `link` the `StageLink` to the neighbouring stages (PP > 1)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.forward_step, self.eval_fn, self.precision = forward_step, eval_fn, precision
+        self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
+        self.last_schedule = None  # timings of the latest step's schedule (bubble fraction)
         self.accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, ctx.dims.dp)
         self.state = TrainState()
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
+        self.checkpoint = None  # an engine.checkpoint.CheckpointManager, attached by the recipe
+        self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
 
     def train_step(self, data_iter) -> dict:
-        """One optimizer step over `accum` micro-batches; returns the step's metrics."""
+        """One optimizer step over `accum` micro-batches (1F1B over the pipeline stages when PP > 1)."""
         self.model.train()
         self.optimizer.zero_grad()
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        samples = tokens = 0
         scale = self.optimizer.loss_scale
-        for micro in range(self.accum):
-            batch = next(data_iter)
-            self.optimizer.prepare_backward(last_micro_batch=micro == self.accum - 1)
-            with self.precision.autocast(self.ctx.device) if self.precision else contextlib.nullcontext():
-                loss, info = self.forward_step(self.model, batch)
-            (loss.float() * (scale / self.accum)).backward()
-            loss_sum += loss.detach().float()
-            samples += info["samples"]
-            tokens += info["tokens"]
+        autocast = (lambda: self.precision.autocast(self.ctx.device)) if self.precision else None
+        run = forward_backward(model=self.model, forward_step=self.forward_step, data_iter=data_iter,
+                               num_micro_batches=self.accum, link=self.link, optimizer=self.optimizer,
+                               loss_scale=scale, autocast=autocast)
+        self.last_schedule = run
         result = self.optimizer.step()  # DP gradient sync, unscale, inf check, clip, update
         if result.skipped:
             self._skip_nonfinite(result.grad_norm)
         else:
             self.state.skipped_steps = 0
         self.scheduler.step()
-        mean_loss = loss_sum / self.accum
-        dist.all_reduce(mean_loss, group=self.ctx.dp_group)
+        # The loss lives on the last pipeline stage, the sample counts on the first.
+        totals = torch.tensor([0.0, run.samples, run.tokens], dtype=torch.float64, device=run.loss_sum.device)
+        totals[0] = run.loss_sum.double() / self.accum
+        if self.link is not None:
+            dist.all_reduce(totals, group=self.ctx.pp_group)
+        dist.all_reduce(totals, group=self.ctx.dp_group)
         dp = self.ctx.dims.dp
-        return {"loss": mean_loss.item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
-                "loss_scale": scale, "samples": samples * dp, "tokens": tokens * dp}
+        return {"loss": totals[0].item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
+                "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item())}
 
     def _skip_nonfinite(self, grad_norm: float) -> None:
         self.state.skipped_steps += 1
@@ -100,7 +103,9 @@ class Trainer:
 
     def fit(self, data_iter) -> dict:
         """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end."""
-        cfg, last_eval = self.cfg, {}
+        cfg, last_eval, ckpt = self.cfg, {}, self.checkpoint
+        if ckpt is not None:
+            ckpt.resume(self)  # step, weights, optimizer, schedule, RNG and data position
         log.info("training %d steps: global batch %d = micro %d x DP %d x accumulation %d",
                  cfg.max_steps, cfg.global_batch_size, cfg.micro_batch_size, self.ctx.dims.dp, self.accum)
         window_start, window_samples, window_tokens = time.time(), 0, 0
@@ -124,5 +129,13 @@ class Trainer:
                 last_eval = self.eval_fn(step)
                 self.progress.log_eval(step, last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
+            if ckpt is not None:
+                if ckpt.after_step(self):  # interval saves; on SIGTERM/SIGUSR1 save and stop
+                    self.preempted = True
+                    break
+                if ckpt.last_saved_step == step:
+                    window_start = time.time()  # saving time is not training throughput
+        if ckpt is not None and not self.preempted:
+            ckpt.at_end(self)
         self.progress.close()
         return last_eval

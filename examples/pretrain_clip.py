@@ -34,15 +34,16 @@ def main(argv: list[str]) -> dict:
     config_file, overrides = split_config_arg(argv)
     cfg = load_config(ExperimentConfig, config_file, overrides, BARE_KEYS)
 
+    from engine.layout import validate_layout
     from parallel.context import destroy_parallel, initialize_parallel
+    from parallel.launch import read_launch_env
 
+    validate_layout(cfg, read_launch_env().world_size)  # before any collective can hang
     par = cfg.parallel
     ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
                               seed=cfg.trainer.seed, timeout_minutes=par.distributed_timeout_minutes)
     if not ctx.is_logging_rank:
         logging.getLogger().setLevel(logging.WARNING)
-    if ctx.dims.pp > 1:
-        raise ParallelLayoutError("pipeline_model_parallel_size > 1 is not available yet for CLIP")
     try:
         from engine.recipes.clip import build_trainer, peak_rss_bytes
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core import utils as mcore_utils
+from megatron.core.tensor_parallel import layers as mcore_layers
+from megatron.core.tensor_parallel import mappings as mcore_mappings
 from megatron.core.tensor_parallel import random as mcore_random
 
 _applied = False
@@ -68,11 +71,43 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
             self._current_state_name = orig_name
 
 
+class _CudaOnCpu:
+    """`torch.cuda` as seen by a shimmed module: `current_device()` names the CPU."""
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu:
+    """`torch` as seen by a shimmed megatron module: everything is torch's except `torch.cuda`."""
+
+    cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# Modules that place sequence-parallel buffers with `torch.cuda.current_device()`: the all-gather
+# buffer (`utils.GlobalMemoryBuffer.get_tensor`), the input all-gather in the backward of
+# `tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication`, and the gather /
+# reduce-scatter outputs in `tensor_parallel.mappings`. Only their own view of `torch` changes;
+# torch itself, and any code that really uses a GPU, are untouched.
+CUDA_PLACING_MODULES = (mcore_utils, mcore_layers, mcore_mappings)
+
+
 def apply_cpu_shims() -> None:
-    """Install the CPU RNG tracker and CPU RNG-state helpers in megatron-core (idempotent)."""
+    """Install the CPU RNG tracker and CPU RNG-state helpers in megatron-core, and let the modules
+    that place sequence-parallel buffers on `torch.cuda.current_device()` place them on the CPU
+    (idempotent)."""
     global _applied
     if _applied:
         return
+    for module in CUDA_PLACING_MODULES:
+        module.torch = _TorchOnCpu()
     mcore_random._get_cuda_rng_state = _get_cpu_rng_state
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()

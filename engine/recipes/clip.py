@@ -7,19 +7,29 @@ import os
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.pipeline import build_clip_dataloader, expand_shards
 from data.synthetic import generate_shapes_dataset, read_captions
 from data.tokenizers import Tokenizer, build_tokenizer
 from data.transforms import build_image_transform
-from engine.evaluation import class_embeddings, collect_features, retrieval_recall, zero_shot_accuracy
+from engine.checkpoint import CheckpointManager
+from engine.evaluation import (
+    class_embeddings,
+    collect_features,
+    retrieval_recall,
+    zero_shot_accuracy,
+)
 from engine.optim import WarmupCosineSchedule, build_optimizer
 from engine.precision import PrecisionPlan, plan_precision
+from engine.schedules import pipelined_forward
 from engine.trainer import Trainer
 from models.clip.loss import ContrastiveLoss
 from models.clip.model import CLIPModel, count_parameters
 from models.common.attention import announce_attention_backend
+from parallel.p2p import StageLink
 
 log = logging.getLogger("engine")
 
@@ -82,6 +92,7 @@ def build_model(cfg, ctx, tokenizer: Tokenizer, precision: PrecisionPlan) -> CLI
         text.vocab_size = tokenizer.vocab_size
     text.eot_token_id = tokenizer.eot_id
     model = CLIPModel(cfg.model, use_cpu_initialization=ctx.device.type == "cpu",
+                      sequence_parallel=cfg.parallel.sequence_parallel,
                       **precision.transformer_overrides()).to(ctx.device)
     # Everything outside the megatron blocks (patch/token embeddings, norms, projections,
     # logit_scale) follows the block's parameter dtype, so the optimizer sees one dtype.
@@ -94,16 +105,43 @@ def build_model(cfg, ctx, tokenizer: Tokenizer, precision: PrecisionPlan) -> CLI
     return model
 
 
-def clip_forward_step(loss_fn, device, model, batch):
-    images, tokens = batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
-    image_features, text_features, scale = model(images, tokens)
-    loss = loss_fn(image_features, text_features, scale)
-    vision = model.cfg.vision
-    tokens_per_sample = vision.seq_length + tokens.shape[1]
-    return loss, {"samples": images.shape[0], "tokens": images.shape[0] * tokens_per_sample}
+def clip_forward_step(loss_fn, device, model, batch, inputs=None):
+    """One micro-batch through this pipeline stage (see `engine.schedules`): the loss on the last
+    stage, the message for the next stage elsewhere."""
+    images = tokens = None
+    info = {"samples": 0, "tokens": 0}
+    if batch is not None:
+        images, tokens = batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
+        tokens_per_sample = model.cfg.vision.seq_length + tokens.shape[1]
+        info = {"samples": images.shape[0], "tokens": images.shape[0] * tokens_per_sample}
+    out = model.stage_forward(inputs, images, tokens)
+    if not model.post_process:
+        return out, info
+    normalize = lambda f: F.normalize(f.float(), dim=-1)
+    return loss_fn(normalize(out["image_features"]), normalize(out["text_features"]), model.scale()), info
 
 
-def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
+def pipelined_encoders(model: CLIPModel, link: StageLink | None):
+    """`encode_image` / `encode_text` that run through every pipeline stage (every stage is given
+    the same inputs) and return the normalised features on every stage of the pipeline."""
+    if link is None:
+        return model.encode_image, model.encode_text
+
+    def encode(key: str, images=None, tokens=None):
+        out = pipelined_forward(model, link, lambda inputs: model.stage_forward(inputs, images, tokens))
+        batch = (images if images is not None else tokens).shape[0]
+        features = torch.empty(batch, model.cfg.output_dim, device=link.device)
+        if out is not None:
+            features.copy_(F.normalize(out[key].float(), dim=-1))
+        last = dist.get_global_rank(link.group, link.size - 1)
+        dist.broadcast(features, last, group=link.group)
+        return features
+
+    return (lambda images: encode("image_features", images=images),
+            lambda tokens: encode("text_features", tokens=tokens))
+
+
+def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData, link: StageLink | None = None):
     if not data.eval_shards or not (cfg.eval.zero_shot or cfg.eval.retrieval):
         return None
     transform = build_image_transform(model.cfg.vision.img_h, train=False,
@@ -113,6 +151,8 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
     def tokenize(texts):
         return data.tokenizer(texts, context_length=context_length).to(ctx.device)
 
+    encode_image, encode_text = pipelined_encoders(model, link)
+
     def evaluate(step: int) -> dict:
         model.eval()
         # Every rank reads the (small) eval set; batches are split over DP and features gathered.
@@ -120,10 +160,10 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData):
             data.eval_shards, dp_rank=0, dp_size=1, batch_size=cfg.eval.batch_size, tokenizer=data.tokenizer,
             image_transform=transform, context_length=context_length, shuffle_buffer=0, seed=0, infinite=False)
         images, texts, labels = collect_features(
-            model.encode_image, model.encode_text, loader, ctx.dp_rank, ctx.dims.dp, ctx.dp_group, ctx.device)
+            encode_image, encode_text, loader, ctx.dp_rank, ctx.dims.dp, ctx.dp_group, ctx.device)
         metrics = {}
         if cfg.eval.zero_shot and data.classes and labels is not None:
-            embeds = class_embeddings(model.encode_text, tokenize, data.classes["classnames"],
+            embeds = class_embeddings(encode_text, tokenize, data.classes["classnames"],
                                       data.classes["templates"]).cpu()
             metrics.update(zero_shot_accuracy(images, labels, embeds, attributes=data.classes.get("attributes")))
             metrics["zero_shot_chance"] = 1.0 / len(data.classes["classnames"])
@@ -160,12 +200,28 @@ def build_trainer(cfg, ctx):
                                               std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
         context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
+    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
-                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data),
-                      precision=precision)
+                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data, link),
+                      precision=precision, link=link)
     trainer.train_loader = train_loader
+    trainer.checkpoint = CheckpointManager(cfg, ctx)  # resume, interval/final saves, preemption
     trainer.rss_before_model = rss_before_model
-    return trainer, iter(train_loader)
+    # Only the first pipeline stage reads training data; later stages get the activations.
+    return trainer, iter(train_loader) if model.pre_process else NoDataOnThisStage(ctx.pp_rank)
+
+
+class NoDataOnThisStage:
+    """The data iterator of a pipeline stage that does not read data: using it is a schedule bug."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise RuntimeError(f"pipeline stage {self.stage} reads no data; only the first stage does")
 
 
 def current_rss_bytes() -> int:

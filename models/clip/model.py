@@ -1,9 +1,9 @@
 """CLIP: an image tower, a text tower and a learnable temperature."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 
 from models.clip.config import CLIPConfig
 from models.clip.towers import TextTower, VisionTower
@@ -45,23 +45,80 @@ def tower_transformer_config(tower, **overrides):
     )
 
 
+def pipeline_stage_flags(pre_process: bool | None, post_process: bool | None) -> tuple[bool, bool]:
+    """(first stage, last stage) of this rank, unless given; a single stage without parallel state."""
+    initialized = parallel_state.model_parallel_is_initialized()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage() if initialized else True
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage() if initialized else True
+    return pre_process, post_process
+
+
 class CLIPModel(torch.nn.Module):
-    def __init__(self, cfg: CLIPConfig, **transformer_overrides):
-        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute...)."""
+    """Both towers and the temperature; under pipeline parallelism, this rank's stage of them.
+
+    Each stage holds a slice of the vision layers and the same share of the text layers, so both
+    towers advance together and every stage has work; the first stage embeds, the last pools,
+    projects and holds `logit_scale` (see `stage_forward`).
+    """
+
+    def __init__(self, cfg: CLIPConfig, pre_process: bool | None = None, post_process: bool | None = None,
+                 **transformer_overrides):
+        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute, SP...)."""
         super().__init__()
         self.cfg = cfg
+        self.pre_process, self.post_process = pipeline_stage_flags(pre_process, post_process)
         backend = resolve_attention_backend(cfg.attention_backend, cfg.use_flash_attention)
         self.attention_backend = backend
-        self.visual = VisionTower(cfg.vision, tower_transformer_config(cfg.vision, **transformer_overrides), backend)
-        self.text = TextTower(cfg.text, tower_transformer_config(cfg.text, **transformer_overrides), backend)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        stage = {"pre_process": self.pre_process, "post_process": self.post_process}
+        self.visual = VisionTower(cfg.vision, tower_transformer_config(cfg.vision, **transformer_overrides), backend,
+                                  **stage)
+        self.text = TextTower(cfg.text, tower_transformer_config(cfg.text, **transformer_overrides), backend, **stage)
+        if self.post_process:
+            self.logit_scale = torch.nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    def stage_forward(self, inputs: dict | None = None, images: torch.Tensor | None = None,
+                      tokens: torch.Tensor | None = None) -> dict:
+        """Run this stage on whatever it is given; either tower may be absent (evaluation).
+
+        First stage: `images` / `tokens`. Later stages: `inputs`, the previous stage's output
+        ({"vision": [s, b, h], "text": [s, b, h], "eot": [b]}). Returns the same kind of dict for
+        the next stage, or on the last stage the projected, unnormalised
+        {"image_features": [b, d], "text_features": [b, d]}.
+        """
+        inputs = inputs or {}
+        out = {}
+        vision = self.visual.embed(images) if self.pre_process and images is not None else inputs.get("vision")
+        if vision is not None:
+            vision = self.visual.encode(vision)
+            if self.post_process:
+                out["image_features"] = self.visual.head(vision)
+            else:
+                out["vision"] = vision
+        text = self.text.embed(tokens) if self.pre_process and tokens is not None else inputs.get("text")
+        if text is not None:
+            eot = self.text.eot_positions(tokens) if self.pre_process else inputs["eot"]
+            text = self.text.encode(text)
+            if self.post_process:
+                out["text_features"] = self.text.head(text, eot)
+            else:
+                out["text"], out["eot"] = text, eot
+        return out
+
+    def _single_stage(self, what: str) -> None:
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError(f"CLIPModel.{what} runs the whole model; under pipeline parallelism use "
+                               "engine.schedules (training) or engine.pipeline_eval (encoding)")
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.visual(images)
+        self._single_stage("encode_image")
+        features = self.stage_forward(images=images)["image_features"]
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.text(tokens)
+        self._single_stage("encode_text")
+        features = self.stage_forward(tokens=tokens)["text_features"]
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def scale(self) -> torch.Tensor:
@@ -69,7 +126,10 @@ class CLIPModel(torch.nn.Module):
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.encode_image(images), self.encode_text(tokens), self.scale()
+        self._single_stage("forward")
+        out = self.stage_forward(images=images, tokens=tokens)
+        normalize = lambda f: F.normalize(f.float(), dim=-1)
+        return normalize(out["image_features"]), normalize(out["text_features"]), self.scale()
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -47,3 +47,25 @@ def test_tracker_states_round_trip():
     with tracker.fork("s"):
         y = torch.rand(2)
     assert torch.equal(x, y)
+
+
+def test_cuda_placing_modules_still_place_on_current_device():
+    """The shimmed modules still call `torch.cuda.current_device()` where SP buffers are made; if
+    megatron-core stops doing so, the shim (and this test) can go."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.tensor_parallel import layers as mcore_layers
+
+    assert "torch.cuda.current_device()" in inspect.getsource(mcore_utils.GlobalMemoryBuffer.get_tensor)
+    backward = inspect.getsource(mcore_layers.LinearWithGradAccumulationAndAsyncCommunication.backward)
+    assert "torch.cuda.current_device()" in backward
+    from megatron.core.tensor_parallel import mappings as mcore_mappings
+
+    assert "torch.cuda.current_device()" in inspect.getsource(mcore_mappings._reduce_scatter_along_first_dim)
+
+
+def test_shimmed_modules_place_buffers_on_cpu(single_rank):
+    from megatron.core import utils as mcore_utils
+
+    buffer = mcore_utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "test")
+    assert buffer.device.type == "cpu" and buffer.shape == (2, 3)
+    assert mcore_utils.torch.Tensor is torch.Tensor  # everything but torch.cuda is torch's own
