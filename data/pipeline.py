@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from braceexpand import braceexpand
@@ -90,6 +90,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.shards, self.tokenizer, self.transform = list(shards), tokenizer, image_transform
         self.context_length, self.shuffle_buffer, self.infinite = context_length, shuffle_buffer, infinite
         self.seed, self.dp_rank, self.stats = seed, dp_rank, stats
+        self.position: StreamPosition | None = None  # of the running stream (in-process iteration only)
+        self.resume_from: dict | None = None  # a saved position, taken by the next iteration
+        self.seed_suffix, self.start_epoch = "", 0  # approximate resume: a fresh stream
 
     def _read_shard(self, url: str):
         """Raw samples of one shard; a shard that fails is logged and counted, good samples kept."""
@@ -109,36 +112,40 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.stats.samples_skipped += 1
         log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason)
 
-    def _raw_samples(self, worker: int, num_workers: int):
-        """Raw samples with an image and a caption, epoch after epoch (once unless infinite)."""
+    def _raw_samples(self, worker: int, num_workers: int, pos: "StreamPosition"):
+        """Raw samples with an image and a caption, epoch after epoch (once unless infinite), from
+        `pos` on; `pos` is advanced as samples are taken, so it always says where to resume."""
         shards = self.shards[worker::num_workers]
         if not shards:  # more workers than shards: this worker has nothing to read
             return
-        epoch = 0
         while True:
             order = list(shards)
             if self.shuffle_buffer > 0:  # a different, reproducible shard order every epoch
-                random.Random(f"{self.seed}-{self.dp_rank}-{worker}-epoch{epoch}").shuffle(order)
-            usable = 0
-            for url in order:
-                for raw in self._read_shard(url):
+                random.Random(f"{self.seed}-{self.dp_rank}-{worker}-epoch{pos.epoch}").shuffle(order)
+            while pos.shard_index < len(order):
+                url, skip = order[pos.shard_index], pos.sample_index
+                for index, raw in enumerate(self._read_shard(url)):
+                    if index < skip:  # resuming inside this shard: already consumed
+                        continue
+                    pos.sample_index = index + 1
                     if _first_key(raw, IMAGE_KEYS) is None or _first_key(raw, TEXT_KEYS) is None:
                         self._skip(raw, f"no image ({'/'.join(IMAGE_KEYS)}) or caption "
                                         f"({'/'.join(TEXT_KEYS)}) member; has {sorted(k for k in raw if not k.startswith('__'))}")
                         continue
-                    usable += 1
+                    pos.usable += 1
                     yield raw
-            if usable == 0:  # raising beats an endless loop over unreadable shards
-                raise RuntimeError(f"no readable sample in any shard of this rank (epoch {epoch}): {', '.join(order)}")
-            epoch += 1
+                pos.shard_index, pos.sample_index = pos.shard_index + 1, 0
+            if pos.usable == 0:  # raising beats an endless loop over unreadable shards
+                raise RuntimeError(f"no readable sample in any shard of this rank (epoch {pos.epoch}): {', '.join(order)}")
+            pos.epoch, pos.shard_index, pos.usable = pos.epoch + 1, 0, 0
             if not self.infinite:
                 return
 
-    def _shuffled(self, raws, rng: random.Random):
+    def _shuffled(self, raws, pos: "StreamPosition"):
         if self.shuffle_buffer <= 0:
             yield from raws
             return
-        buffer = []
+        buffer, rng = pos.buffer, pos.rng
         for raw in raws:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(raw)
@@ -147,7 +154,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             buffer[index], raw = raw, buffer[index]
             yield raw
         rng.shuffle(buffer)
-        yield from buffer
+        while buffer:
+            yield buffer.pop(0)
 
     def _decode(self, raw: dict, rng: random.Random):
         try:
@@ -171,11 +179,42 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        rng = random.Random(f"{self.seed}-{self.dp_rank}-{worker}")
-        for raw in self._shuffled(self._raw_samples(worker, num_workers), rng):
-            sample = self._decode(raw, rng)
+        pos = StreamPosition(rng=random.Random(f"{self.seed}-{self.dp_rank}-{worker}"))
+        if info is None and self.resume_from is not None:
+            pos = StreamPosition.from_state(self.resume_from)
+            self.resume_from = None
+        elif self.seed_suffix:  # an approximate resume (workers, or a changed split): a fresh stream
+            pos = StreamPosition(rng=random.Random(f"{self.seed}-{self.dp_rank}-{worker}-{self.seed_suffix}"),
+                                 epoch=self.start_epoch)
+        self.position = pos if info is None else None
+        for raw in self._shuffled(self._raw_samples(worker, num_workers, pos), pos):
+            sample = self._decode(raw, pos.rng)
             if sample is not None:
                 yield sample
+
+
+@dataclass
+class StreamPosition:
+    """Where one stream is: epoch, shard (index into that epoch's order), tar samples consumed from
+    it, usable samples this epoch, the shuffle buffer (raw bytes) and the RNG that shuffles and crops."""
+
+    rng: random.Random
+    epoch: int = 0
+    shard_index: int = 0
+    sample_index: int = 0
+    usable: int = 0
+    buffer: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_index": self.shard_index, "sample_index": self.sample_index,
+                "usable": self.usable, "rng": self.rng.getstate(), "buffer": list(self.buffer)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StreamPosition":
+        rng = random.Random()
+        rng.setstate(state["rng"])
+        return cls(rng, state["epoch"], state["shard_index"], state["sample_index"], state["usable"],
+                   list(state["buffer"]))
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -210,9 +249,46 @@ class ClipLoader:
                                                    drop_last=self.drop_last, persistent_workers=False)
 
     def __iter__(self):
+        self.batches_consumed = getattr(self, "batches_consumed", 0)
         for batch in self._batches():
             self.stats.samples_seen += batch["images"].shape[0]
+            self.batches_consumed += 1
             yield batch
+
+    # -- resumable position (checkpoints) ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's position, taken between batches. Exact with `num_workers=0` (the stream's
+        shard/sample position, shuffle buffer and RNG); with workers the streams live in other
+        processes, so only the count of batches consumed is kept (`load_state_dict` then starts a
+        fresh stream)."""
+        dataset = self.dataset
+        state = {"version": 1, "num_shards": len(dataset.shards), "dp_rank": dataset.dp_rank,
+                 "num_workers": self.num_workers, "batches_consumed": getattr(self, "batches_consumed", 0),
+                 "stats": asdict(self.stats), "exact": self.num_workers == 0, "stream": None}
+        if self.num_workers == 0:
+            if dataset.position is not None:
+                state["stream"] = dataset.position.state_dict()
+            elif dataset.resume_from is not None:  # restored but not iterated yet
+                state["stream"] = dataset.resume_from
+        return state
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Resume at `state` when the next iteration starts (call before the first batch). Returns
+        True when the position is restored exactly, False when a fresh stream is started instead
+        (workers, or a different shard split)."""
+        dataset = self.dataset
+        self.batches_consumed = state["batches_consumed"]
+        for key, value in state["stats"].items():
+            setattr(self.stats, key, value)
+        same_split = state["num_shards"] == len(dataset.shards) and state["dp_rank"] == dataset.dp_rank
+        if state["exact"] and same_split and self.num_workers == 0:
+            dataset.resume_from = state["stream"]  # None: saved before the first batch, start afresh
+            return True
+        # No exact position: a stream with a seed of its own, past the saved epoch, so the resumed
+        # run does not replay the start of the data.
+        dataset.seed_suffix = f"resume{state['batches_consumed']}"
+        dataset.start_epoch = (state["stream"] or {}).get("epoch", 0) + 1
+        return False
 
 
 def build_clip_dataloader(shards, *, dp_rank: int, dp_size: int, batch_size: int, tokenizer,

@@ -97,6 +97,20 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (engine/checkpoint): any TP/PP/DP layout loads any other's."""
+
+    dir: Optional[str] = None  # None: <trainer.output_dir>/checkpoints
+    save_interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    save_at_end: bool = True
+    keep_last: int = 3  # complete checkpoints kept, oldest removed first (0 keeps all)
+    resume: str = "auto"  # auto (latest under dir, if any) | none | a checkpoint or checkpoint dir path
+    async_save: bool = False  # write in a background thread after a host copy of the state
+    load_optimizer: bool = True  # false: weights, schedule, step and data position only; fresh Adam moments
+    verify_checksums: bool = True  # CRC32 of every file before loading (sizes are always checked)
+
+
+@dataclass
 class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -104,6 +118,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # Keys accepted bare at top level, as in `torchrun ... pretrain_clip.py tensor_model_parallel_size=4`.

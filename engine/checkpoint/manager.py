@@ -1,0 +1,396 @@
+"""Checkpoint manager: when to save, atomic sharded saves (optionally asynchronous), keep-K,
+`latest`, resume and preemption.
+
+The trainer calls `resume` before its loop, `after_step` after every optimizer step (interval
+saves; agreed preemption stop) and `at_end`. Everything is collective: every rank builds one
+manager (in the same order as its other process groups) and calls the same methods.
+
+Process groups: two gloo groups of all ranks are created here, one for checkpoint I/O (DCP's
+planning/gather and the commit barrier; an asynchronous save uses it from its writer thread) and
+one for the per-step preemption flag, so the training thread never shares a group with the writer
+thread. gloo works beside NCCL on GPU, and DCP's object collectives want CPU tensors anyway.
+
+Asynchronous save (`checkpoint.async_save`): the state is copied to host memory on the training
+thread (the only blocking part), then written and committed by a background thread; the next save,
+a preemption and the end of training wait for it. A failed asynchronous save is re-raised there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import state as st
+from engine.checkpoint.preemption import PreemptionHandler
+from engine.checkpoint.storage import (
+    DCP_METADATA,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST,
+    META_FILE,
+    CheckpointError,
+    commit,
+    describe_files,
+    is_complete,
+    prune,
+    read_json,
+    read_latest,
+    read_state,
+    remove_stale_tmp,
+    step_dirname,
+    tmp_dirname,
+    verify_files,
+    write_json_atomic,
+    write_state,
+)
+
+log = logging.getLogger("engine")
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _broadcast(value, group):
+    """Rank 0's `value` on every rank."""
+    if not _dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _gather(value, group) -> list | None:
+    """[value of rank 0, 1, ...] on rank 0, None elsewhere."""
+    if not _dist():
+        return [value]
+    out = [None] * _world() if _rank() == 0 else None
+    dist.gather_object(value, out, dst=0, group=group)
+    return out
+
+
+def _all_gather(value, group) -> list:
+    if not _dist():
+        return [value]
+    out = [None] * _world()
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a checkpoint root (its `latest`); raises naming what is wrong."""
+    if is_complete(path):
+        return path
+    if os.path.isdir(path) and (os.path.exists(os.path.join(path, LATEST)) or any(
+            n.startswith("step_") for n in os.listdir(path))):
+        found = read_latest(path)
+        if found is not None:
+            return found
+        raise CheckpointError(f"{path}: no complete checkpoint in this directory")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker; an interrupted save?)")
+    raise CheckpointError(f"{path}: no such checkpoint")
+
+
+def verify_collectively(path: str, checksums: bool, group) -> None:
+    """Each rank checks a share of the files; every rank raises the same error naming the bad ones."""
+    marker = read_json(os.path.join(path, "COMPLETE"), "completion marker")
+    names = sorted(marker["files"])[_rank()::_world()]
+    problems = verify_files(path, checksums=checksums, names=names)
+    everyone = [p for ps in _all_gather(problems, group) for p in ps]
+    if everyone:
+        raise CheckpointError("checkpoint files are damaged; nothing was loaded:\n  " + "\n  ".join(everyone))
+
+
+class CheckpointManager:
+    def __init__(self, cfg, ctx=None, *, install_signals: bool = True):
+        """`cfg` is the `ExperimentConfig` (saved whole into each checkpoint); `ctx` the
+        `ParallelContext` (None: one process)."""
+        self.cfg, self.ck = cfg, cfg.checkpoint
+        self.root = self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints")
+        self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
+        self.io_group = dist.new_group(backend="gloo") if _dist() else None
+        self.flag_group = dist.new_group(backend="gloo") if _dist() else None
+        self.preemption = PreemptionHandler(group=self.flag_group)
+        if install_signals:
+            self.preemption.install()
+        self.last_saved_step: int | None = None
+        self.last_saved_path: str | None = None
+        self.loaded_from: str | None = None
+        self.timings: list[dict] = []  # one per save / load
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+
+    # -- the trainer's hooks ------------------------------------------------------------------------
+    def resume(self, trainer) -> str | None:
+        """Load per `checkpoint.resume`: auto (the latest under `dir`, if any), none, or a path."""
+        choice = self.ck.resume
+        if choice in (None, "", "none", "None"):
+            return None
+        path = None
+        if _rank() == 0:
+            try:
+                path = ("auto", read_latest(self.root)) if choice == "auto" else ("path", resolve_checkpoint(choice))
+            except CheckpointError as exc:
+                path = ("error", str(exc))
+        kind, path = _broadcast(path, self.io_group)
+        if kind == "error":
+            raise CheckpointError(f"checkpoint.resume={choice}: {path}")
+        if path is None:
+            log.info("no checkpoint under %s: training starts from scratch", self.root)
+            return None
+        self.load(path, trainer)
+        return path
+
+    def after_step(self, trainer) -> bool:
+        """Save at the interval; on an agreed preemption save and return True (stop training)."""
+        step = trainer.state.step
+        if self.preemption.should_stop():
+            path = self.save(trainer, reason="preemption")
+            self.wait()
+            log.warning("preempted by %s at step %d: checkpoint %s; exiting", self.preemption.signal_name, step,
+                        path)
+            return True
+        if self.ck.save_interval > 0 and step % self.ck.save_interval == 0:
+            self.save(trainer, reason="interval")
+        return False
+
+    def at_end(self, trainer) -> None:
+        if self.ck.save_at_end and trainer.state.step >= trainer.cfg.max_steps:
+            self.save(trainer, reason="end")
+        self.wait()
+
+    def close(self) -> None:
+        self.wait()
+        self.preemption.uninstall()
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save(self, trainer, reason: str = "manual") -> str:
+        """Collective: write this step's checkpoint (skipped when it exists); returns its path."""
+        step = trainer.state.step
+        final = os.path.join(self.root, step_dirname(step))
+        if self.last_saved_step == step:
+            return final
+        self.wait()
+        start = time.time()
+        exists = None
+        if _rank() == 0:
+            os.makedirs(self.root, exist_ok=True)
+            remove_stale_tmp(self.root)
+            exists = is_complete(final)
+            if not exists:
+                os.makedirs(os.path.join(self.root, tmp_dirname(step)))
+        if _broadcast(exists, self.io_group):
+            log.info("checkpoint %s exists; not saved again", final)
+            self.last_saved_step, self.last_saved_path = step, final
+            return final
+        tmp = os.path.join(self.root, tmp_dirname(step))
+
+        entries, table = self._collect(trainer)
+        everyone = _gather({"table": table, "extra": st.extra_state_keys(trainer.model, self.place),
+                            "objects": [k for k in entries if not isinstance(entries[k], st.Boxes)]}, self.io_group)
+        if _rank() == 0:
+            write_json_atomic(os.path.join(tmp, META_FILE), self._meta(trainer, everyone, reason))
+        if self.ck.async_save:
+            entries = st.stage(entries)
+            blocking = time.time() - start
+            self._thread_error = None
+            self._thread = threading.Thread(target=self._write_in_thread, args=(tmp, final, entries, step, start,
+                                                                                 blocking), daemon=False)
+            self._thread.start()
+        else:
+            self._write_and_commit(tmp, final, entries, step)
+            self._record("save", step, time.time() - start, time.time() - start)
+        self.last_saved_step, self.last_saved_path = step, final
+        return final
+
+    def _collect(self, trainer) -> tuple[dict, dict]:
+        model, optimizer = trainer.model, trainer.optimizer
+        entries, table = st.model_entries(model, self.place)
+        opt_entries, opt_table = st.optimizer_entries(optimizer, model, self.place)
+        entries.update(opt_entries)
+        table.update(opt_table)
+        entries[self.place.rng_key] = st.capture_rng()
+        loader = getattr(trainer, "train_loader", None)
+        if self.place.pp_rank == 0 and loader is not None and hasattr(loader, "state_dict"):
+            entries[self.place.data_key] = loader.state_dict()
+        return st.to_cpu(entries), table
+
+    def _meta(self, trainer, everyone: list, reason: str) -> dict:
+        from engine.config import to_yaml
+
+        tables, extra, objects = {}, set(), set()
+        for part in everyone:
+            tables.update(part["table"])
+            extra.update(part["extra"])
+            objects.update(part["objects"])
+        s, optimizer = trainer.state, trainer.optimizer
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "step": s.step, "samples_seen": s.samples_seen,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason, "torch": torch.__version__,
+            "layout": {**self.place.layout(), "world_size": _world()},
+            "contents": ["model", "optimizer", "scheduler", "trainer", "rng"]
+            + (["data"] if any(o.startswith("data/") for o in objects) else []),
+            "optimizer": {"type": type(optimizer).__name__, "name": self.cfg.optim.name,
+                          "step": optimizer.checkpoint_step, "loss_scaler": optimizer.loss_scaler.state_dict()},
+            "scheduler": trainer.scheduler.state_dict(),
+            "trainer": {"step": s.step, "samples_seen": s.samples_seen, "skipped_steps": s.skipped_steps,
+                        "total_skipped": s.total_skipped, "history": [list(h) for h in s.history]},
+            "tensors": dict(sorted(tables.items())), "extra_state_keys": sorted(extra), "objects": sorted(objects),
+            "config_yaml": to_yaml(self.cfg),
+        }
+
+    def _write_and_commit(self, tmp: str, final: str, entries: dict, step: int) -> None:
+        write_state(tmp, entries, group=self.io_group)
+        mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{_rank()}_") and n.endswith(".distcp"))
+        files = _gather(describe_files(tmp, mine), self.io_group)
+        if _rank() == 0:
+            merged = {name: info for part in files for name, info in part.items()}
+            merged.update(describe_files(tmp, [META_FILE, DCP_METADATA]))
+            commit(self.root, tmp, os.path.basename(final), merged, step)
+            removed = prune(self.root, self.ck.keep_last)
+            log.info("checkpoint %s saved (%.1f MB)%s", final, sum(i["size"] for i in merged.values()) / 2**20,
+                     f"; removed {', '.join(map(os.path.basename, removed))}" if removed else "")
+        if _dist():
+            dist.barrier(group=self.io_group)
+
+    def _write_in_thread(self, tmp, final, entries, step, start, blocking) -> None:
+        try:
+            self._write_and_commit(tmp, final, entries, step)
+            self._record("save", step, blocking, time.time() - start)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait() on the training thread
+            self._thread_error = exc
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has been committed (re-raising its error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._thread_error is not None:
+                error, self._thread_error = self._thread_error, None
+                raise CheckpointError(f"asynchronous checkpoint save failed: {error}") from error
+
+    def _record(self, kind: str, step: int, blocking: float, total: float) -> None:
+        self.timings.append({"kind": kind, "step": step, "blocking_s": blocking, "total_s": total})
+
+    # -- load ----------------------------------------------------------------------------------------
+    def load(self, path: str, trainer) -> dict:
+        """Collective: load checkpoint `path` into the trainer's model, optimizer, schedule, counters,
+        RNG and data position, re-sharding to this run's layout. Returns the checkpoint's meta."""
+        start = time.time()
+        meta = load_into(path, self.place, trainer.model, trainer.optimizer, load_optimizer=self.ck.load_optimizer,
+                         group=self.io_group, checksums=self.ck.verify_checksums,
+                         loader=getattr(trainer, "train_loader", None), cfg=self.cfg)
+        contents = meta["contents"]
+        if "trainer" in contents:
+            s, saved = trainer.state, meta["trainer"]
+            s.step, s.samples_seen = saved["step"], saved["samples_seen"]
+            s.skipped_steps, s.total_skipped = saved["skipped_steps"], saved["total_skipped"]
+            s.history = [tuple(h) for h in saved["history"]]
+            trainer.optimizer.loss_scaler.load_state_dict(meta["optimizer"]["loss_scaler"])
+            trainer.scheduler.load_state_dict(meta["scheduler"])
+            self.last_saved_step, self.last_saved_path = s.step, path
+        self.loaded_from = path
+        self._record("load", meta["step"], time.time() - start, time.time() - start)
+        log.info("resumed from %s (step %d, %d samples) in %.1f s", path, meta["step"], meta["samples_seen"],
+                 time.time() - start)
+        return meta
+
+
+def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_optimizer: bool = True, group=None,
+              checksums: bool = True, loader=None, cfg=None) -> dict:
+    """Collective: model weights (always), optimizer state (when `load_optimizer` and the checkpoint
+    has it; otherwise the optimizer only re-derives its master copy from the loaded weights), RNG
+    (same layout only) and data position (same DP size) from `path`."""
+    meta = read_json(os.path.join(path, META_FILE), "checkpoint description")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{os.path.join(path, META_FILE)}: not a {FORMAT} checkpoint")
+    verify_collectively(path, checksums, group)
+    if cfg is not None:
+        _log_config_changes(meta["config_yaml"], cfg)
+    contents = meta["contents"]
+    target = st.LoadTarget(meta["tensors"])
+    names = st.add_model(target, model, place, prefer_master=True)
+    _check_model_coverage(meta, names, group)
+    master = False
+    with_optimizer = optimizer is not None and load_optimizer and "optimizer" in contents
+    if with_optimizer:
+        master = st.add_optimizer(target, optimizer, model, place)["master"]
+    elif optimizer is not None and "optimizer" not in contents:
+        log.warning("checkpoint %s holds model weights only: optimizer state starts fresh", path)
+    elif optimizer is not None:
+        log.info("checkpoint.load_optimizer=false: optimizer state starts fresh")
+    same_layout = meta["layout"]["tensor_model_parallel_size"] == place.tp_size and \
+        meta["layout"]["pipeline_model_parallel_size"] == place.pp_size and \
+        meta["layout"]["data_parallel_size"] == place.dp_size
+    if "rng" in contents and same_layout and place.rng_key in meta["objects"]:
+        target.add_object(place.rng_key)
+    want_data = loader is not None and place.pp_rank == 0 and place.data_key in meta.get("objects", [])
+    if want_data:
+        target.add_object(place.data_key)
+    read_state(path, target.entries, group=group)
+    target.finish()
+    if optimizer is not None:
+        if with_optimizer:
+            optimizer.checkpoint_step = meta["optimizer"]["step"]
+        optimizer.after_checkpoint_load(master_loaded=master)
+    if loader is not None and "data" in contents:
+        if want_data:
+            state = dict(target.entries[place.data_key])
+            if meta["layout"]["data_parallel_size"] != place.dp_size:
+                state["exact"] = False
+            exact = loader.load_state_dict(state)
+        else:
+            exact = False
+        if not exact and place.pp_rank == 0:
+            log.warning("data pipeline position not restored exactly (data-parallel size %d -> %d or data "
+                        "workers): this rank continues on a freshly seeded stream",
+                        meta["layout"]["data_parallel_size"], place.dp_size)
+    if place.rng_key in target.entries:
+        st.restore_rng(target.entries[place.rng_key])
+    elif "rng" in contents:
+        from parallel.random import seed_everything
+
+        seed = (cfg.trainer.seed if cfg is not None else 0) + meta["step"]
+        log.warning("parallel layout changed (%s -> %s): random generators reseeded with seed %d instead of "
+                    "restored", meta["layout"], place.layout(), seed)
+        seed_everything(seed)
+    return meta
+
+
+def _check_model_coverage(meta: dict, names: list[str], group) -> None:
+    """Every model tensor of the checkpoint must be taken by some rank (a smaller model is an error)."""
+    taken = set()
+    for part in _all_gather(sorted(names), group):
+        taken.update(part)
+    stored = {k[len(st.MODEL):] for k in meta["tensors"] if k.startswith(st.MODEL)}
+    unused = sorted(stored - taken)
+    if unused:
+        raise CheckpointError(f"the checkpoint has {len(unused)} model tensors this model does not: "
+                              f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''} (a different model config?)")
+
+
+def _log_config_changes(saved_yaml: str, cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from engine.config import _flatten, to_yaml
+
+    saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    now = _flatten(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and not k.startswith("checkpoint.")]
+    if changed:
+        log.info("config differs from the checkpoint's in %d keys: %s%s", len(changed), "; ".join(changed[:12]),
+                 " ..." if len(changed) > 12 else "")

@@ -1,0 +1,99 @@
+"""One-process checkpoint tools: model-only checkpoints from a full state dict and back, inspect,
+offline re-sharding (TP and dtype), and damaged files that must be named, never loaded."""
+import os
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointError
+from engine.checkpoint.reader import CheckpointReader
+from engine.checkpoint.tools import inspect_checkpoint, read_model_checkpoint, reshard_checkpoint, write_model_checkpoint
+from engine.schema import ExperimentConfig
+from tests.distributed.clip_fixtures import tiny_clip_config
+
+
+@pytest.fixture(scope="module")
+def model_and_cfg(single_rank):
+    from models.clip.model import CLIPModel
+
+    cfg = ExperimentConfig(model=tiny_clip_config())
+    cfg.model.text.vocab_size = 300  # padded to 384 at TP=1 and TP=2, 512 at TP=4
+    return CLIPModel(cfg.model), cfg
+
+
+@pytest.fixture()
+def written(model_and_cfg, tmp_path):
+    model, cfg = model_and_cfg
+    return write_model_checkpoint(str(tmp_path / "ckpt"), cfg, model.state_dict())
+
+
+def test_write_then_read_model_checkpoint(model_and_cfg, written, tmp_path):
+    model, cfg = model_and_cfg
+    cfg2, full = read_model_checkpoint(written)
+    assert cfg2.model == cfg.model
+    want = model.state_dict()
+    assert set(full) == set(want)
+    for key, value in want.items():
+        if torch.is_tensor(value):
+            assert torch.equal(full[key], value), key
+        else:
+            assert full[key] is None
+    model.load_state_dict(full)  # loads as it is
+    # an existing output is never overwritten
+    with pytest.raises(FileExistsError):
+        write_model_checkpoint(written, cfg, want)
+    with pytest.raises(KeyError, match="missing"):
+        write_model_checkpoint(str(tmp_path / "other"), cfg, {k: v for k, v in want.items() if "logit" not in k})
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_inspect_reads_descriptions_only(written):
+    text = inspect_checkpoint(written)
+    assert "step 0" in text and "contents: model" in text and "TP=1 PP=1 DP=1" in text
+    assert "model/text.token_embedding.weight" in text and "(384, 64)" in text and "vocab padded" in text
+    assert "model/visual.transformer.layers.1.self_attention.linear_qkv.weight" in text
+    assert "hidden_size: 64" in text  # the config
+
+
+def test_offline_reshard_to_tp4_bf16(written, tmp_path):
+    out = reshard_checkpoint(written, str(tmp_path / "tp4"), 4, 1, "bf16")
+    src, dst = CheckpointReader(written), CheckpointReader(out)
+    assert dst.meta["layout"]["tensor_model_parallel_size"] == 4
+    assert "tensor_model_parallel_size: 4" in dst.meta["config_yaml"] and "precision: bf16" in dst.meta["config_yaml"]
+    for key, info in src.tensors.items():
+        got = dst.read_tensor(key)
+        assert got.dtype == torch.bfloat16
+        want = src.read_tensor(key)
+        if info["padded"]:  # 384 rows -> 512 at TP=4, zero padding
+            assert got.shape[0] == 512 and not got[384:].any()
+            got = got[:384]
+        assert torch.equal(got, want.to(torch.bfloat16)), key
+        assert len(dst.chunks(key)) == (4 if info["partition_dim"] is not None else 1)
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"):
+        reshard_checkpoint(written, str(tmp_path / "tp8"), 8, 1)
+    assert not os.path.exists(tmp_path / "tp8")
+
+
+def test_damaged_files_are_named(written, tmp_path):
+    data = sorted(n for n in os.listdir(written) if n.endswith(".distcp"))[0]
+    path = os.path.join(written, data)
+    original = open(path, "rb").read()
+    with open(path, "r+b") as fh:  # flip one byte in the middle: same size, other content
+        fh.seek(len(original) // 2)
+        fh.write(bytes([original[len(original) // 2] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=f"{data}: checksum mismatch"):
+        CheckpointReader(written)
+    with open(path, "wb") as fh:  # truncated
+        fh.write(original[: len(original) // 3])
+    with pytest.raises(CheckpointError, match=f"{data}: .* bytes, {len(original)} were written"):
+        read_model_checkpoint(written)
+    assert "DAMAGED" in inspect_checkpoint(written)
+    with open(path, "wb") as fh:
+        fh.write(original)
+    read_model_checkpoint(written)  # intact again
+    with open(os.path.join(written, "meta.json"), "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(CheckpointError, match="meta.json: corrupt"):
+        read_model_checkpoint(written)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_model_checkpoint(str(tmp_path / "nowhere"))
