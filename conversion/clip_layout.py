@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -26,7 +27,37 @@ FC2_W, FC2_B = "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"
 EXTRA_STATES = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
                 "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
 
-MAX_LISTED = 40  # names listed per category in a mismatch error before "... and N more"
+MAX_LISTED = 200  # lines per category in a mismatch error before "... and N more"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _ranges(indices: list[int]) -> str:
+    indices, parts, start = sorted(set(indices)), [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ",".join(parts)
+
+
+def compress_names(items: Iterable[tuple[str, str]]) -> list[str]:
+    """Group (name, detail) pairs that differ only in a layer index: `a.layers.{0-11}.b: detail`."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    singles = []
+    for name, detail in items:
+        match = _LAYER_INDEX.search(name)
+        if match is None:
+            singles.append(name + detail)
+            continue
+        pattern = name[:match.start()] + ".{}." + name[match.end():]
+        groups.setdefault((pattern, detail), []).append(int(match.group(1)))
+    lines = singles
+    for (pattern, detail), indices in groups.items():
+        label = _ranges(indices)
+        lines.append(pattern.replace("{}", label if len(set(indices)) == 1 else "{" + label + "}") + detail)
+    return sorted(lines)
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,9 +70,11 @@ class CheckpointMismatchError(ValueError):
         self.mismatched = sorted(mismatched)  # (name, found shape, expected shape)
         lines = [f"{what} does not match the architecture: {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
-        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
-                             ("shape mismatches", [f"{n}: found {tuple(f)}, expected {tuple(e)}"
+        for title, pairs in (("missing keys", [(n, "") for n in self.missing]),
+                             ("unexpected keys", [(n, "") for n in self.unexpected]),
+                             ("shape mismatches", [(n, f": found {tuple(f)}, expected {tuple(e)}")
                                                    for n, f, e in self.mismatched])):
+            items = compress_names(pairs)
             if items:
                 lines.append(f"  {title}:")
                 lines += [f"    {item}" for item in items[:MAX_LISTED]]
@@ -202,13 +235,12 @@ def add_extra_states(state: dict, cfg: CLIPConfig) -> dict:
 
 def check_clip_state_dict(state: Mapping, cfg: CLIPConfig, what: str = "CLIP state dict") -> None:
     """Check a full (TP=1) state dict of our CLIP; the vocab may carry any amount of padding."""
-    check_keys_and_shapes(state, expected_clip_shapes(cfg), what, flexible_rows={"text.token_embedding.weight"},
+    expected = expected_clip_shapes(cfg)
+    expected["text.token_embedding.weight"] = (cfg.text.vocab_size, cfg.text.hidden_size)  # + any padding rows
+    check_keys_and_shapes(state, expected, what, flexible_rows={"text.token_embedding.weight"},
                           hint="(expected the full TP=1/PP=1 state dict of models.clip.model.CLIPModel with the "
                                "local layer spec; gather a TP-sharded model with "
                                "parallel.tp_sharding.gather_full_state_dict)")
-    rows = state["text.token_embedding.weight"].shape[0]
-    if rows < cfg.text.vocab_size:
-        raise CheckpointMismatchError(what, mismatched=[("text.token_embedding.weight", (rows,), (cfg.text.vocab_size,))])
 
 
 def check_divisible(width: int, heads: int, what: str) -> None:
@@ -228,5 +260,16 @@ def describe_file_error(path: str | os.PathLike, exc: BaseException) -> Checkpoi
     return CheckpointFileError(path, f"truncated or corrupt ({size} bytes; {type(exc).__name__}: {exc})")
 
 
-def isclose_ratio(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's image normalisation (VisionConfig's None)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_stats(mean, std) -> tuple[Optional[list], Optional[list]]:
+    """`VisionConfig.image_mean/std` for a source's normalisation: None where it is CLIP's default."""
+    def norm(values, default):
+        if values is None:
+            return None
+        values = [float(x) for x in values]
+        same = len(values) == len(default) and all(math.isclose(a, b, abs_tol=1e-7) for a, b in zip(values, default))
+        return None if same else values
+    return norm(mean, CLIP_MEAN), norm(std, CLIP_STD)

@@ -26,9 +26,11 @@ from typing import Mapping, Optional
 import torch
 
 from conversion.clip_layout import (
-    FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
+    CLIP_MEAN, CLIP_STD, FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B,
+    QKV_W,
     CheckpointFileError, UnsupportedArchitectureError, add_extra_states, check_clip_state_dict,
-    check_divisible, check_keys_and_shapes, fuse_qkv, output_dims, padded_vocab, split_qkv, with_vocab_rows,
+    check_divisible, check_keys_and_shapes, fuse_qkv, image_stats, output_dims, padded_vocab, split_qkv,
+    with_vocab_rows,
 )
 from conversion.files import load_tensor_file, save_tensor_file
 from models.clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -50,8 +52,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _sub_config(hf_cfg: Mapping, name: str, defaults: dict) -> dict:
@@ -90,8 +90,7 @@ def clip_config_from_hf(hf_cfg: Mapping, preprocessor: Optional[Mapping] = None)
         layernorm_epsilon=float(v["layer_norm_eps"]), activation=_activation(v["hidden_act"], "vision_config"),
     )
     if preprocessor:
-        vision.image_mean = [float(x) for x in preprocessor.get("image_mean", CLIP_MEAN)]
-        vision.image_std = [float(x) for x in preprocessor.get("image_std", CLIP_STD)]
+        vision.image_mean, vision.image_std = image_stats(preprocessor.get("image_mean"), preprocessor.get("image_std"))
     text = TextConfig(
         vocab_size=int(t["vocab_size"]), encoder_seq_length=int(t["max_position_embeddings"]),
         output_dim=projection_dim, num_layers=int(t["num_hidden_layers"]), hidden_size=int(t["hidden_size"]),
@@ -123,7 +122,8 @@ def hf_config_from_clip(cfg: CLIPConfig, dtype: Optional[torch.dtype] = None) ->
         if tower.activation not in ACTIVATIONS:
             problems.append(f"model.{name}.activation={tower.activation!r} (HF CLIP: gelu or quick_gelu)")
     if problems:
-        raise UnsupportedArchitectureError("cannot express this CLIP as a Hugging Face CLIPModel: " + "; ".join(problems))
+        raise UnsupportedArchitectureError("cannot express this CLIP as a Hugging Face CLIPModel: "
+                                           + "; ".join(problems))
     text_config = {
         "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
         "intermediate_size": t.ffn_hidden_size, "projection_dim": t_out, "num_hidden_layers": t.num_layers,

@@ -26,15 +26,14 @@ from typing import Mapping, Optional
 import torch
 
 from conversion.clip_layout import (
-    CheckpointFileError, FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
+    CLIP_MEAN, CLIP_STD, FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
+    CheckpointFileError,
     UnsupportedArchitectureError, add_extra_states, check_clip_state_dict, check_divisible,
     check_keys_and_shapes, ffn_size, fuse_qkv, output_dims, padded_vocab, split_qkv, with_vocab_rows,
 )
 from conversion.files import load_tensor_file, save_tensor_file
 from models.clip.config import CLIPConfig, TextConfig, VisionConfig
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, open_clip's default
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_EPS = 1e-5  # torch.nn.LayerNorm's, which open_clip uses unless norm_kwargs says otherwise
 
 # open_clip's own model configs (open_clip/model_configs/<name>.json, open_clip_torch 3.3) for the
@@ -236,7 +235,8 @@ def openclip_config_from_clip(cfg: CLIPConfig) -> dict:
         vision_cfg["pool_type"] = "avg"
     text_cfg = {
         "context_length": t.encoder_seq_length, "vocab_size": t.vocab_size, "width": t.hidden_size,
-        "heads": t.num_attention_heads, "layers": t.num_layers, "mlp_ratio": _mlp_ratio(t.hidden_size, t.ffn_hidden_size),
+        "heads": t.num_attention_heads, "layers": t.num_layers,
+        "mlp_ratio": _mlp_ratio(t.hidden_size, t.ffn_hidden_size),
     }
     if t.eot_token_id >= 0:
         text_cfg.update(pool_type="eos", eos_id=t.eot_token_id)
@@ -394,7 +394,8 @@ def openclip_config_from_state_dict(state: Mapping, *, vision_head_width: int = 
         embed_dim = state[p + "text_projection"].shape[1]
         vocab, t_width = state[p + "token_embedding.weight"].shape
         context = state[p + "positional_embedding"].shape[0]
-        t_layers = len({k.split(".")[len(p.split(".")) + 1] for k in state if k.startswith(p + "transformer.resblocks.")})
+        t_blocks = p + "transformer.resblocks."
+        t_layers = len({k[len(t_blocks):].split(".")[0] for k in state if k.startswith(t_blocks)})
         t_ffn = state[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as exc:
         raise UnsupportedArchitectureError(f"cannot infer an open_clip ViT config from this state dict ({exc!r}); "

@@ -103,7 +103,8 @@ def test_hf_round_trip_tp1(single_rank, tmp_path, case):
 
     cfg, full = import_hf_clip(str(tmp_path / "hf"))
     assert cfg.text.eot_token_id == (-1 if text["eos_token_id"] == 2 else text["eos_token_id"])
-    assert cfg.vision.activation == vision["hidden_act"] and cfg.text.layernorm_epsilon == text.get("layer_norm_eps", 1e-5)
+    assert cfg.vision.activation == vision["hidden_act"]
+    assert cfg.text.layernorm_epsilon == text.get("layer_norm_eps", 1e-5)
     ours = our_model(cfg, full)
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), ref_image, atol=TOL, rtol=TOL)

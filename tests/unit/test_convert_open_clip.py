@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conversion.clip_layout import (
     CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, expected_clip_shapes, fuse_qkv,
@@ -104,7 +103,7 @@ def our_embeddings(cfg, full_state):
 
 
 def test_fused_qkv_is_megatron_head_interleaved():
-    heads, head_dim, width = 3, 2, 6
+    heads, width = 3, 6  # head_dim 2
     q, k, v = (torch.arange(width).float() + 100 * i for i in range(3))  # q 0..5, k 100.., v 200..
     fused = fuse_qkv(q, k, v, heads)
     # head 0: q rows 0-1, k rows 0-1, v rows 0-1; then head 1 ...
