@@ -10,6 +10,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_RE = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) s/step")
+BUBBLE_RE = re.compile(r"step (\d+)/\d+ \| pipeline bubble ([0-9.]+)")
 
 
 def timing_overrides(steps: int, shards_dir: str, output_dir: str) -> list[str]:
@@ -31,5 +32,8 @@ def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup
             raise RuntimeError(f"engine run failed:\n{proc.stderr[-4000:]}")
         with open(os.path.join(out, "final_metrics.json")) as fh:
             final = json.load(fh)
-    times = [float(t) for step, t in STEP_RE.findall(proc.stderr + proc.stdout) if int(step) > warmup]
-    return {"step_times": times, "step_time_s": sum(times) / len(times), "final": final}
+    log = proc.stderr + proc.stdout
+    times = [float(t) for step, t in STEP_RE.findall(log) if int(step) > warmup]
+    bubbles = [float(b) for step, b in BUBBLE_RE.findall(log) if int(step) > warmup]
+    return {"step_times": times, "step_time_s": sum(times) / len(times), "final": final,
+            "bubble": sum(bubbles) / len(bubbles) if bubbles else None}

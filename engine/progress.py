@@ -37,6 +37,9 @@ class ProgressLogger:
             metrics["samples_per_s"], metrics["tokens_per_s"], metrics["step_time"],
             format_duration(time.time() - self.start), format_duration(remaining),
         )
+        if "pipeline_bubble" in metrics:
+            log.info("step %d/%d | pipeline bubble %.3f (idle share of the 1F1B schedule, mean over stages)",
+                     step, self.max_steps, metrics["pipeline_bubble"])
         self.scalars("train", step, metrics)
 
     def log_eval(self, step: int, metrics: dict) -> None:

@@ -75,14 +75,18 @@ class Trainer:
             self.state.skipped_steps = 0
         self.scheduler.step()
         # The loss lives on the last pipeline stage, the sample counts on the first.
-        totals = torch.tensor([0.0, run.samples, run.tokens], dtype=torch.float64, device=run.loss_sum.device)
+        totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction], dtype=torch.float64,
+                              device=run.loss_sum.device)
         totals[0] = run.loss_sum.double() / self.accum
         if self.link is not None:
             dist.all_reduce(totals, group=self.ctx.pp_group)
         dist.all_reduce(totals, group=self.ctx.dp_group)
-        dp = self.ctx.dims.dp
-        return {"loss": totals[0].item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
-                "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item())}
+        dp, pp = self.ctx.dims.dp, self.ctx.dims.pp
+        metrics = {"loss": totals[0].item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
+                   "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item())}
+        if self.link is not None:  # idle share of the schedule, averaged over stages and replicas
+            metrics["pipeline_bubble"] = totals[3].item() / (dp * pp)
+        return metrics
 
     def _skip_nonfinite(self, grad_norm: float) -> None:
         self.state.skipped_steps += 1
