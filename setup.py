@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Megatron-core TP/PP/DP training engine for CLIP, DiT and VLM models",
     python_requires=">=3.11",
-    packages=find_packages(include=["engine*", "models*", "parallel*", "data*"]),
+    packages=find_packages(include=["engine*", "models*", "parallel*", "data*", "conversion*"]),
     install_requires=[
         # 2.13.0 is the CPU build this project is developed and tested on; a GPU machine brings
         # its own CUDA build (any torch >= 2.4 that megatron-core 0.16 accepts).
@@ -25,6 +25,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "test": ["pytest>=8"],
+        # open_clip_torch pulls torchvision: PyPI's torchvision needs PyPI's (CUDA) torch of the same
+        # release, so the test environment installs torch==2.14.1 torchvision==0.29.1 first.
+        "test": ["pytest>=8", "open_clip_torch>=3.0", "transformers>=4.45", "safetensors>=0.4"],
     },
 )
