@@ -318,9 +318,16 @@ def main(argv=None) -> int:
     from conversion.clip_layout import CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError
     from engine.config import ConfigError
 
+    errors = (CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, ConfigError)
+    try:
+        from engine.checkpoint.storage import CheckpointError  # a missing or damaged engine checkpoint
+
+        errors += (CheckpointError,)
+    except ImportError:
+        pass
     try:
         args.func(args)
-    except (CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, ConfigError) as exc:
+    except errors as exc:
         print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
