@@ -12,9 +12,9 @@ set); it also needs CUDA shims on CPU. `parallel.p2p.StageLink` sends named tens
 same paired, batched sends and receives (see that module), on gloo and NCCL alike.
 
 The model-specific part is `forward_step(model, batch, inputs) -> (output, info)`: `batch` is the
-micro-batch on the stages that read data (the first), else None; `inputs` the previous stage's
+micro-batch on the stages that read data (the first; the last too when it needs labels), else None; `inputs` the previous stage's
 message (None on the first). On the last stage `output` is the loss; elsewhere it is the message
-for the next stage. `info` counts {"samples", "tokens"} on the data-reading stage.
+for the next stage. `info` counts {"samples", "tokens"}; the first stage's counts are used.
 """
 from __future__ import annotations
 
@@ -47,16 +47,20 @@ def _float_names(message: dict) -> list:
 
 
 def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, link: StageLink | None,
-                     optimizer, loss_scale: float = 1.0, autocast=None) -> ScheduleResult:
+                     optimizer, loss_scale: float = 1.0, autocast=None, reads_data: bool | None = None
+                     ) -> ScheduleResult:
     """One optimizer step's forwards and backwards; gradients are left for `optimizer.step()`.
 
     `optimizer.prepare_backward(last_micro_batch)` is called before every backward so a ZeRO
     optimizer can overlap its reduce-scatter with the last one. `autocast()` returns the forward's
     precision context. The loss is scaled by `loss_scale / num_micro_batches` before backward.
+    `reads_data`: whether this stage takes a micro-batch from `data_iter` per forward (default: the
+    first stage only; a model whose last stage needs labels passes True there, as Megatron's GPT).
     """
     m = num_micro_batches
     first = link is None or link.is_first
     last = link is None or link.is_last
+    reads_data = first if reads_data is None else reads_data
     stages, stage = (1, 0) if link is None else (link.size, link.rank)
     if link is not None:
         link.reset()
@@ -70,7 +74,7 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
 
     def forward(inputs):
         nonlocal loss_sum, compute
-        batch = next(data_iter) if first else None
+        batch = next(data_iter) if reads_data else None
         tic = time.perf_counter()
         if inputs is not None:
             for name in _float_names(inputs):
