@@ -273,3 +273,68 @@ def image_stats(mean, std) -> tuple[Optional[list], Optional[list]]:
         same = len(values) == len(default) and all(math.isclose(a, b, abs_tol=1e-7) for a, b in zip(values, default))
         return None if same else values
     return norm(mean, CLIP_MEAN), norm(std, CLIP_STD)
+
+
+def _ffn_tensors(prefix: str, layers: int):
+    for i in range(layers):
+        p = f"{prefix}.transformer.layers.{i}."
+        yield p + FC1_W, 0
+        yield p + FC1_B, 0
+        yield p + FC2_W, 1
+
+
+def pad_ffn(cfg: CLIPConfig, state: Mapping, multiple: int) -> tuple[CLIPConfig, dict]:
+    """Round each tower's ffn_hidden_size up to a multiple of `multiple` with zero rows in fc1
+    (weight and bias) and zero columns in fc2: the extra units output act(0) = 0 for gelu and
+    quick_gelu, so the model computes exactly the same function. open_clip's ViT-g-14 has
+    ffn int(1408 * 4.3637) = 6143, which no TP size > 1 divides; padded to 6144 it runs at TP 2 to 128."""
+    cfg, state = copy.deepcopy(cfg), dict(state)
+    for prefix, tower in (("visual", cfg.vision), ("text", cfg.text)):
+        size = -(-tower.ffn_hidden_size // multiple) * multiple
+        if size == tower.ffn_hidden_size:
+            continue
+        for name, dim in _ffn_tensors(prefix, tower.num_layers):
+            tensor = state[name]
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = size - tensor.shape[dim]
+            state[name] = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+        tower.ffn_hidden_size = size
+    return cfg, state
+
+
+def trim_ffn(cfg: CLIPConfig, state: Mapping, vision_ffn: int, text_ffn: int) -> tuple[CLIPConfig, dict]:
+    """Undo `pad_ffn`: keep the first `vision_ffn` / `text_ffn` MLP units; the dropped units must be
+    padding (all-zero fc2 columns), otherwise they carry weights and the trim raises."""
+    cfg, state = copy.deepcopy(cfg), dict(state)
+    for prefix, tower, size in (("visual", cfg.vision, vision_ffn), ("text", cfg.text, text_ffn)):
+        if size == tower.ffn_hidden_size:
+            continue
+        if size > tower.ffn_hidden_size:
+            raise UnsupportedArchitectureError(f"{prefix}: target ffn_hidden_size {size} is larger than the "
+                                               f"checkpoint's {tower.ffn_hidden_size}")
+        for name, dim in _ffn_tensors(prefix, tower.num_layers):
+            tensor = state[name]
+            if name.endswith(FC2_W) and tensor.narrow(dim, size, tensor.shape[dim] - size).abs().max() != 0:
+                raise UnsupportedArchitectureError(
+                    f"{name}: MLP units {size}..{tensor.shape[dim] - 1} are not zero padding; cannot trim "
+                    f"ffn_hidden_size {tower.ffn_hidden_size} -> {size}")
+            state[name] = tensor.narrow(dim, 0, size)
+        tower.ffn_hidden_size = size
+    return cfg, state
+
+
+_VISION_ARCH = ("patch_dim", "img_h", "img_w", "num_channels", "class_token_length", "global_average_pool",
+                "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "layernorm_epsilon",
+                "activation")
+_TEXT_ARCH = ("vocab_size", "encoder_seq_length", "num_layers", "hidden_size", "ffn_hidden_size",
+              "num_attention_heads", "layernorm_epsilon", "activation", "eot_token_id")
+
+
+def architecture_differences(ours: CLIPConfig, target: CLIPConfig) -> list[str]:
+    """The model-section fields that change the computed function and differ between two configs."""
+    diffs = [f"output_dim: {a} vs {b}" for a, b in [(output_dims(ours), output_dims(target))] if a != b]
+    for name, fields in (("vision", _VISION_ARCH), ("text", _TEXT_ARCH)):
+        a, b = getattr(ours, name), getattr(target, name)
+        diffs += [f"model.{name}.{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}"
+                  for f in fields if getattr(a, f) != getattr(b, f)]
+    return diffs

@@ -27,9 +27,9 @@ import torch
 
 from conversion.clip_layout import (
     CLIP_MEAN, CLIP_STD, FC1_B, FC1_W, FC2_B, FC2_W, LN1_B, LN1_W, LN2_B, LN2_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
-    CheckpointFileError,
-    UnsupportedArchitectureError, add_extra_states, check_clip_state_dict, check_divisible,
-    check_keys_and_shapes, ffn_size, fuse_qkv, output_dims, padded_vocab, split_qkv, with_vocab_rows,
+    CheckpointFileError, UnsupportedArchitectureError, add_extra_states, architecture_differences, check_divisible,
+    check_clip_state_dict, check_keys_and_shapes, ffn_size, fuse_qkv, output_dims, padded_vocab, split_qkv,
+    trim_ffn, with_vocab_rows,
 )
 from conversion.files import load_tensor_file, save_tensor_file
 from models.clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -418,9 +418,27 @@ def import_openclip(state: Mapping, model_cfg: Mapping) -> tuple[CLIPConfig, dic
     return cfg, openclip_to_clip_state_dict(state, cfg)
 
 
-def export_openclip(state: Mapping, cfg: CLIPConfig, text_prefix: str = "") -> tuple[dict, dict]:
-    """(open_clip model config, open_clip state dict) from our config and full state dict."""
-    return openclip_config_from_clip(cfg), clip_to_openclip_state_dict(state, cfg, text_prefix)
+def export_openclip(state: Mapping, cfg: CLIPConfig, text_prefix: str = "",
+                    target: Optional[Mapping] = None) -> tuple[dict, dict]:
+    """(open_clip model config, open_clip state dict) from our config and full state dict.
+
+    `target`: the open_clip model config to write for (e.g. `openclip_model_config('ViT-g-14')`); it
+    must describe the same architecture, except that an MLP padded on import (`pad_ffn`) is trimmed
+    back to the target's width. Without it the config is derived from ours.
+    """
+    if target is None:
+        return openclip_config_from_clip(cfg), clip_to_openclip_state_dict(state, cfg, text_prefix)
+    target_cfg = clip_config_from_openclip(target)
+    trimmable = {f"model.{name}.ffn_hidden_size" for name in ("vision", "text")
+                 if getattr(target_cfg, name).ffn_hidden_size < getattr(cfg, name).ffn_hidden_size}
+    diffs = [d for d in architecture_differences(cfg, target_cfg) if d.split(":")[0] not in trimmable]
+    if diffs:
+        raise UnsupportedArchitectureError("the checkpoint's model differs from the target open_clip config: "
+                                           + "; ".join(diffs))
+    if trimmable:  # MLP units padded on import (pad_ffn); trim_ffn refuses units that are not zero padding
+        check_clip_state_dict(state, cfg)
+        cfg, state = trim_ffn(cfg, state, target_cfg.vision.ffn_hidden_size, target_cfg.text.ffn_hidden_size)
+    return json.loads(json.dumps(dict(target))), clip_to_openclip_state_dict(state, cfg, text_prefix)
 
 
 # open_clip's `local-dir:` layout (open_clip.create_model('local-dir:/path') reads it).

@@ -66,6 +66,22 @@ def experiment_config(model_cfg, config_file: str | None = None, overrides=()):
     return exp
 
 
+def _pad_ffn(cfg, full: dict, args):
+    """--pad-ffn-to-multiple: zero MLP units so TP sizes divide the width (same function)."""
+    from conversion.clip_layout import UnsupportedArchitectureError, pad_ffn
+
+    if args.pad_ffn_to_multiple > 1:
+        cfg, full = pad_ffn(cfg, full, args.pad_ffn_to_multiple)
+    tp = args.tensor_model_parallel_size
+    for name, tower in (("vision", cfg.vision), ("text", cfg.text)):
+        if tower.ffn_hidden_size % tp:
+            raise UnsupportedArchitectureError(
+                f"model.{name}.ffn_hidden_size={tower.ffn_hidden_size} is not divisible by "
+                f"--tensor-model-parallel-size {tp}: add --pad-ffn-to-multiple {tp} (zero MLP units, the same "
+                "function; export-open-clip --model-name trims them again)")
+    return cfg, full
+
+
 def _default_tokenizer(exp, args) -> None:
     """CLIP's BPE for the 49408-token vocabulary, unless a config file or override chose one."""
     chosen = args.config is not None or any(o.startswith("data.tokenizer.") for o in args.overrides)
@@ -124,7 +140,8 @@ def cmd_import_open_clip(args) -> None:
     cfg = clip_config_from_openclip(model_cfg)
     if preprocess:
         cfg.vision.image_mean, cfg.vision.image_std = image_stats(preprocess.get("mean"), preprocess.get("std"))
-    full = _cast(openclip_to_clip_state_dict(state, cfg), _torch_dtype(args.dtype))
+    cfg, full = _pad_ffn(cfg, openclip_to_clip_state_dict(state, cfg), args)
+    full = _cast(full, _torch_dtype(args.dtype))
     exp = experiment_config(cfg, args.config, args.overrides)
     _default_tokenizer(exp, args)
     _write_engine_checkpoint(args.out, exp, full, args.tensor_model_parallel_size,
@@ -133,11 +150,15 @@ def cmd_import_open_clip(args) -> None:
 
 
 def cmd_export_open_clip(args) -> None:
-    from conversion.openclip_format import export_openclip, write_openclip
+    from conversion.openclip_format import export_openclip, openclip_model_config, write_openclip
     from engine.checkpoint.tools import read_model_checkpoint
 
+    target = None
+    if args.model_config or args.model_name:
+        target = openclip_model_config(args.model_config or args.model_name)
     exp, state = read_model_checkpoint(args.checkpoint)
-    model_cfg, oc_state = export_openclip(state, exp.model, text_prefix="text." if args.custom_text else "")
+    model_cfg, oc_state = export_openclip(state, exp.model, text_prefix="text." if args.custom_text else "",
+                                          target=target)
     written = write_openclip(oc_state, model_cfg, args.out, _torch_dtype(args.dtype),
                              exp.model.vision.image_mean, exp.model.vision.image_std)
     print("wrote " + ", ".join(written))
@@ -148,7 +169,8 @@ def cmd_import_hf_clip(args) -> None:
 
     hf_cfg, state, preprocessor = read_hf_clip(args.source)
     cfg = clip_config_from_hf(hf_cfg, preprocessor)
-    full = _cast(hf_to_clip_state_dict(state, cfg), _torch_dtype(args.dtype))
+    cfg, full = _pad_ffn(cfg, hf_to_clip_state_dict(state, cfg), args)
+    full = _cast(full, _torch_dtype(args.dtype))
     exp = experiment_config(cfg, args.config, args.overrides)
     _default_tokenizer(exp, args)
     _write_engine_checkpoint(args.out, exp, full, args.tensor_model_parallel_size,
@@ -222,6 +244,9 @@ def _add_engine_target(p) -> None:
                    help="write it sharded for this TP size (default 1; `reshard` changes it later)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="and this PP size (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="parameter dtype to store (default: as the source)")
+    p.add_argument("--pad-ffn-to-multiple", type=int, default=1, metavar="N",
+                   help="zero-pad each MLP width up to a multiple of N, an exactly equivalent model (open_clip "
+                        "ViT-g-14's 6143 -> 6144 with N=8, so TP sizes divide it)")
     p.add_argument("--config", help="YAML for the non-model sections of the experiment config "
                                     "(e.g. configs/clip/b32.yaml); the model section comes from the source")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -240,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
                "                    config), --model-config JSON, the local-dir's config, or inferred from the\n"
                "                    weights (give --vision-head-width/--text-heads/--quick-gelu then).\n"
                "  export-open-clip  engine checkpoint -> open_clip state dict file (+ .json model config) or a\n"
-               "                    local-dir (open_clip.create_model('local-dir:DIR') loads it).\n"
+               "                    local-dir (open_clip.create_model('local-dir:DIR') loads it); --model-name\n"
+               "                    checks the checkpoint against that config and trims padded MLP units.\n"
                "  import-hf-clip    Hugging Face CLIPModel directory (config.json + model.safetensors, sharded or\n"
                "                    pytorch_model.bin) -> engine checkpoint.\n"
                "  export-hf-clip    engine checkpoint -> HF directory (config.json, model.safetensors,\n"
                "                    preprocessor_config.json; CLIPModel.from_pretrained(DIR) loads it).\n"
+               "  Both imports take --tensor-model-parallel-size to write a sharded checkpoint, and\n"
+               "                    --pad-ffn-to-multiple N for MLP widths no TP size divides (ViT-g-14: 6143).\n"
                "  inspect           summarise an engine checkpoint, an open_clip file or a HF CLIP directory.\n"
                "  reshard           rewrite an engine checkpoint for another TP/PP size and/or dtype.\n"
                "A source that does not match the architecture stops with the missing, unexpected and mis-shaped\n"
@@ -271,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .safetensors/.pt/.bin file (config written beside it as "
                                                 "<out>.json) or a directory (open_clip local-dir layout)")
     p.add_argument("--custom-text", action="store_true", help="name the text tower text.* (open_clip CustomTextCLIP)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--model-name", help="write for this open_clip model config (checked against the "
+                                             "checkpoint; MLP units padded on import are trimmed back)")
+    target.add_argument("--model-config", help="the same with an open_clip model config JSON")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the written weights")
     p.set_defaults(func=cmd_export_open_clip)
 

@@ -33,14 +33,25 @@ def _run_converted(tp: int, jobs: dict) -> dict:
     return results
 
 
-def _open_clip_job(tmp_path):
+def _open_clip_job(tmp_path, model_cfg=None, pad_ffn_to: int = 1):
+    from conversion.clip_layout import pad_ffn
     from conversion.openclip_format import import_openclip
     from tests.unit.test_convert_open_clip import TINY, build_openclip, openclip_embeddings, tiny_inputs
 
-    reference = build_openclip(TINY, tmp_path)
-    images, tokens = tiny_inputs(TINY)
-    cfg, full = import_openclip(reference.state_dict(), TINY)
+    model_cfg = model_cfg or TINY
+    reference = build_openclip(model_cfg, tmp_path)
+    images, tokens = tiny_inputs(model_cfg)
+    cfg, full = import_openclip(reference.state_dict(), model_cfg)
+    if pad_ffn_to > 1:
+        cfg, full = pad_ffn(cfg, full, pad_ffn_to)
     return reference, openclip_embeddings(reference, images, tokens), (cfg, full, images, tokens)
+
+
+def _padded_open_clip_job(tmp_path):
+    """MLP widths 129/161 (odd, as ViT-g-14's 6143) padded with zero units to 130/162 for TP=2."""
+    from tests.unit.test_convert_open_clip import TINY_ODD_FFN
+
+    return _open_clip_job(tmp_path, TINY_ODD_FFN, pad_ffn_to=TP)
 
 
 def _hf_job():
@@ -58,7 +69,8 @@ def _hf_job():
 def converted(tmp_path_factory):
     """Both formats in one TP=2 launch (spawning ranks is the slow part)."""
     references, jobs = {}, {}
-    for name, make in (("open_clip", lambda: _open_clip_job(tmp_path_factory.mktemp("oc"))), ("hf", _hf_job)):
+    for name, make in (("open_clip", lambda: _open_clip_job(tmp_path_factory.mktemp("oc"))), ("hf", _hf_job),
+                       ("open_clip_padded", lambda: _padded_open_clip_job(tmp_path_factory.mktemp("ocp")))):
         try:
             reference, embeddings, job = make()
         except pytest.skip.Exception as skip:  # that library is not importable outside CI
@@ -115,4 +127,23 @@ def test_hf_at_tp2(converted):
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
     for a, b in zip(hf_embeddings(fresh, images, ids), (ref_image, ref_text)):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+def test_open_clip_with_padded_ffn_at_tp2(converted):
+    from conversion.openclip_format import export_openclip
+    from tests.unit.test_convert_open_clip import TINY_ODD_FFN, openclip_embeddings
+
+    def to_source(state, cfg):
+        assert (cfg.vision.ffn_hidden_size, cfg.text.ffn_hidden_size) == (130, 162)
+        model_cfg, back = export_openclip(state, cfg, target=TINY_ODD_FFN)
+        assert model_cfg == TINY_ODD_FFN
+        return back
+
+    reference, back, _, images, tokens, ref_image, ref_text = _check(converted, "open_clip_padded", to_source)
+    expected = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.load_state_dict(back, strict=True)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(reference.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    for a, b in zip(openclip_embeddings(reference, images, tokens), (ref_image, ref_text)):
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)

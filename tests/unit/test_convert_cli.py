@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from tests.unit.test_convert_hf_clip import TINY_TEXT, TINY_VISION, build_hf, hf_embeddings, hf_inputs
-from tests.unit.test_convert_open_clip import TINY, build_openclip, openclip_embeddings, require_open_clip, tiny_inputs
+from tests.unit.test_convert_open_clip import (
+    TINY, TINY_ODD_FFN, build_openclip, openclip_embeddings, require_open_clip, tiny_inputs,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "convert_checkpoint.py")
@@ -197,3 +199,27 @@ def test_inspect(tmp_path, cli, store, capsys):
     os.makedirs(tmp_path / "engine_ckpt")
     assert cli.main(["inspect", str(tmp_path / "engine_ckpt")]) == 0
     assert store["inspect"] == [str(tmp_path / "engine_ckpt")]
+
+
+def test_odd_ffn_needs_padding_for_tp_and_trims_on_export(tmp_path, cli, store, capsys):
+    reference = build_openclip(TINY_ODD_FFN, tmp_path)
+    from conversion.files import save_tensor_file
+
+    save_tensor_file(reference.state_dict(), str(tmp_path / "odd.safetensors"))
+    (tmp_path / "odd.json").write_text(json.dumps(TINY_ODD_FFN))
+    args = ["import-open-clip", str(tmp_path / "odd.safetensors"), "--model-config", str(tmp_path / "odd.json"),
+            "--tensor-model-parallel-size", "2"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "--pad-ffn-to-multiple 2" in capsys.readouterr().err
+    out = str(tmp_path / "b")
+    assert cli.main(args + ["--out", out, "--pad-ffn-to-multiple", "2"]) == 0
+    exp, _ = store["checkpoints"][os.path.abspath(out)]
+    assert (exp.model.vision.ffn_hidden_size, exp.model.text.ffn_hidden_size) == (130, 162)
+    assert cli.main(["export-open-clip", out, "--model-config", str(tmp_path / "odd.json"),
+                     "--out", str(tmp_path / "back.safetensors")]) == 0
+    from conversion.files import load_tensor_file
+
+    back = load_tensor_file(str(tmp_path / "back.safetensors"))
+    reference.load_state_dict(back, strict=True)
+    assert cli.main(["export-open-clip", out, "--model-name", "ViT-B-32", "--out", str(tmp_path / "c.pt")]) == 2
+    assert "differs from the target open_clip config" in capsys.readouterr().err

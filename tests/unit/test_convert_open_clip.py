@@ -16,7 +16,7 @@ import torch
 
 from conversion.clip_layout import (
     CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, expected_clip_shapes, fuse_qkv,
-    split_qkv,
+    pad_ffn, split_qkv,
 )
 from conversion.files import load_tensor_file, save_tensor_file
 from conversion.openclip_format import (
@@ -39,6 +39,12 @@ TINY_VARIANT = {"embed_dim": 24, "quick_gelu": True,
                                "mlp_ratio": 2.5, "pool_type": "avg", "norm_kwargs": {"eps": 1e-6}},
                 "text_cfg": {"context_length": 10, "vocab_size": 200, "width": 32, "heads": 2, "layers": 3,
                              "pool_type": "eos", "eos_id": 7, "norm_kwargs": {"eps": 1e-6}}}
+
+
+# MLP widths no TP size > 1 divides (int(64 * 2.03) = 129, int(64 * 2.53) = 161), as ViT-g-14's 6143.
+TINY_ODD_FFN = copy.deepcopy(TINY)
+TINY_ODD_FFN["vision_cfg"]["mlp_ratio"] = 2.03
+TINY_ODD_FFN["text_cfg"]["mlp_ratio"] = 2.53
 
 
 def require_open_clip():
@@ -286,3 +292,35 @@ def test_real_sizes_key_and_shape_coverage(single_rank, name):
             assert tuple(full[key].shape) == tuple(value.shape), key
     reference.load_state_dict(clip_to_openclip_state_dict(full, cfg), strict=True, assign=True)
     assert clip_config_from_openclip(openclip_config_from_clip(cfg)) == cfg
+
+
+def test_padded_ffn_is_exact_and_trims_back(single_rank, tmp_path):
+    reference = build_openclip(TINY_ODD_FFN, tmp_path)
+    images, tokens = tiny_inputs(TINY_ODD_FFN)
+    ref = openclip_embeddings(reference, images, tokens)
+    cfg, full = import_openclip(reference.state_dict(), TINY_ODD_FFN)
+    assert (cfg.vision.ffn_hidden_size, cfg.text.ffn_hidden_size) == (129, 161)
+    padded_cfg, padded = pad_ffn(cfg, full, 8)
+    assert (padded_cfg.vision.ffn_hidden_size, padded_cfg.text.ffn_hidden_size) == (136, 168)
+    ours = our_embeddings(padded_cfg, padded)
+    with torch.no_grad():
+        for a, b in zip((ours.encode_image(images), ours.encode_text(tokens)), ref):
+            torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+    # Exported for the original config, the padding goes and open_clip loads it strictly.
+    back_cfg, back = export_openclip(ours.state_dict(), padded_cfg, target=TINY_ODD_FFN)
+    assert back_cfg == TINY_ODD_FFN
+    reference.load_state_dict(back, strict=True)
+    for a, b in zip(openclip_embeddings(reference, images, tokens), ref):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+    # Units that learned weights are not padding: no silent trim; another architecture: named.
+    trained = dict(padded)
+    trained["visual.transformer.layers.1.mlp.linear_fc2.weight"] = torch.ones_like(
+        trained["visual.transformer.layers.1.mlp.linear_fc2.weight"])
+    with pytest.raises(UnsupportedArchitectureError, match="not zero padding"):
+        export_openclip(trained, padded_cfg, target=TINY_ODD_FFN)
+    with pytest.raises(UnsupportedArchitectureError, match="model.vision.ffn_hidden_size: 136 vs 256"):
+        export_openclip(padded, padded_cfg, target=TINY)
+    deeper = copy.deepcopy(TINY_ODD_FFN)
+    deeper["text_cfg"]["layers"] = 3
+    with pytest.raises(UnsupportedArchitectureError, match="model.text.num_layers: 2 vs 3"):
+        export_openclip(padded, padded_cfg, target=deeper)
