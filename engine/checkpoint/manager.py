@@ -119,7 +119,7 @@ class CheckpointManager:
         """`cfg` is the `ExperimentConfig` (saved whole into each checkpoint); `ctx` the
         `ParallelContext` (None: one process)."""
         self.cfg, self.ck = cfg, cfg.checkpoint
-        self.root = self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints")
+        self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
         self.io_group = dist.new_group(backend="gloo") if _dist() else None
         self.flag_group = dist.new_group(backend="gloo") if _dist() else None
@@ -181,7 +181,7 @@ class CheckpointManager:
         """Collective: write this step's checkpoint (skipped when it exists); returns its path."""
         step = trainer.state.step
         final = os.path.join(self.root, step_dirname(step))
-        if self.last_saved_step == step:
+        if self.last_saved_step == step and self.last_saved_path == final:
             return final
         self.wait()
         start = time.time()
@@ -301,7 +301,7 @@ class CheckpointManager:
             s.history = [tuple(h) for h in saved["history"]]
             trainer.optimizer.loss_scaler.load_state_dict(meta["optimizer"]["loss_scaler"])
             trainer.scheduler.load_state_dict(meta["scheduler"])
-            self.last_saved_step, self.last_saved_path = s.step, path
+            self.last_saved_step, self.last_saved_path = s.step, os.path.abspath(path)
         self.loaded_from = path
         self._record("load", meta["step"], time.time() - start, time.time() - start)
         log.info("resumed from %s (step %d, %d samples) in %.1f s", path, meta["step"], meta["samples_seen"],

@@ -61,3 +61,66 @@ def run_recipe(overrides: list[str], stop_at: int | None = None):
             "params": {k: v for k, v in params.items() if torch.is_tensor(v)},
             "samples_seen": trainer.state.samples_seen, "loaded_from": trainer.checkpoint.loaded_from,
             "timings": trainer.checkpoint.timings}
+
+
+# -- re-sharding: fixed batches, any layout ---------------------------------------------------------
+GLOBAL_BATCH = 16
+
+
+def fixed_batches(cfg, dp_rank: int, dp_size: int, first_step: int):
+    """This DP rank's micro-batch of a fixed global batch per step (one micro-batch per step, so the
+    contrastive problem is the whole global batch at every DP size)."""
+    import torch
+
+    step = first_step
+    micro = GLOBAL_BATCH // dp_size
+    while True:
+        gen = torch.Generator().manual_seed(1000 + step)
+        vocab, seq = cfg.model.text.vocab_size, cfg.model.text.encoder_seq_length
+        images = torch.randn(GLOBAL_BATCH, 3, cfg.model.vision.img_h, cfg.model.vision.img_w, generator=gen)
+        tokens = torch.randint(1, vocab - 1, (GLOBAL_BATCH, seq), generator=gen)
+        tokens[torch.arange(GLOBAL_BATCH), torch.randint(3, seq, (GLOBAL_BATCH,), generator=gen)] = vocab - 1
+        rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
+        yield {"images": images[rows], "tokens": tokens[rows]}
+        step += 1
+
+
+def reshard_overrides(shapes_dir: str, tp: int, pp: int, world: int, optimizer: str) -> list[str]:
+    dp = world // (tp * pp)
+    keep = [o for o in recipe_overrides("unused", shapes_dir, tp, optimizer) if not o.startswith(
+        ("trainer.micro_batch_size", "trainer.global_batch_size", "model.vision.hidden_dropout",
+         "model.text.attention_dropout", "trainer.output_dir"))]
+    return keep + [f"pipeline_model_parallel_size={pp}", f"trainer.micro_batch_size={GLOBAL_BATCH // dp}",
+                   f"trainer.global_batch_size={GLOBAL_BATCH}", "model.vision.num_layers=4", "model.text.num_layers=4"]
+
+
+def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_before: int, train_after: int):
+    """Build the recipe at a layout; optionally load `resume`; train `train_before` steps; save into
+    `out_dir`/checkpoints; train `train_after` more steps. Returns the losses and the saved path."""
+    from engine.config import load_config
+    from engine.recipes.clip import build_trainer
+    from engine.schema import BARE_KEYS, ExperimentConfig
+    from parallel.context import initialize_parallel
+
+    overrides = overrides + [f"trainer.output_dir={out_dir}", f"checkpoint.resume={resume or 'none'}"]
+    cfg = load_config(ExperimentConfig, None, overrides, BARE_KEYS)
+    par = cfg.parallel
+    ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
+                              seed=cfg.trainer.seed)
+    trainer, _ = build_trainer(cfg, ctx)
+    manager = trainer.checkpoint
+    manager.resume(trainer)
+    batches = fixed_batches(cfg, ctx.dp_rank, ctx.dims.dp, trainer.state.step)
+    losses = []
+
+    def train(n):
+        for _ in range(n):
+            metrics = trainer.train_step(batches)
+            trainer.state.step += 1
+            losses.append(metrics["loss"])
+
+    train(train_before)
+    path = manager.save(trainer)
+    train(train_after)
+    manager.close()
+    return {"losses": losses, "saved": path, "step": trainer.state.step}
