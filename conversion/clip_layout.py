@@ -104,13 +104,6 @@ def output_dims(cfg: CLIPConfig) -> tuple[int, int]:
     return resolve(cfg.vision.output_dim), resolve(cfg.text.output_dim)
 
 
-def resolved_config(cfg: CLIPConfig) -> CLIPConfig:
-    """A copy with the towers' `output_dim` interpolations replaced by numbers."""
-    cfg = copy.deepcopy(cfg)
-    cfg.vision.output_dim, cfg.text.output_dim = output_dims(cfg)
-    return cfg
-
-
 def padded_vocab(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
     """Megatron's vocab padding (models.clip.towers.padded_vocab_size for a given TP size)."""
     multiple = divisible_by * tp
