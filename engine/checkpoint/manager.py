@@ -36,6 +36,7 @@ from engine.checkpoint.storage import (
     commit,
     describe_files,
     is_complete,
+    list_complete,
     prune,
     read_json,
     read_latest,
@@ -138,6 +139,9 @@ class CheckpointManager:
         """Load per `checkpoint.resume`: auto (the latest under `dir`, if any), none, or a path."""
         choice = self.ck.resume
         if choice in (None, "", "none", "None"):
+            if _rank() == 0 and list_complete(self.root):
+                log.warning("checkpoint.resume=none but %s holds checkpoints: saves of the same steps will "
+                            "replace them", self.root)
             return None
         path = None
         if _rank() == 0:
@@ -185,18 +189,15 @@ class CheckpointManager:
             return final
         self.wait()
         start = time.time()
-        exists = None
+        tmp = os.path.join(self.root, tmp_dirname(step))
         if _rank() == 0:
             os.makedirs(self.root, exist_ok=True)
-            remove_stale_tmp(self.root)
-            exists = is_complete(final)
-            if not exists:
-                os.makedirs(os.path.join(self.root, tmp_dirname(step)))
-        if _broadcast(exists, self.io_group):
-            log.info("checkpoint %s exists; not saved again", final)
-            self.last_saved_step, self.last_saved_path = step, final
-            return final
-        tmp = os.path.join(self.root, tmp_dirname(step))
+            remove_stale_tmp(self.root)  # an interrupted save's leftovers (never loaded)
+            if is_complete(final):  # e.g. saved by a run that crashed before moving `latest`
+                log.warning("checkpoint %s exists; it is replaced once this save is complete", final)
+            os.makedirs(tmp)
+        if _dist():
+            dist.barrier(group=self.io_group)
 
         entries, table = self._collect(trainer)
         everyone = _gather({"table": table, "extra": st.extra_state_keys(trainer.model, self.place),

@@ -124,3 +124,67 @@ def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_bef
     train(train_after)
     manager.close()
     return {"losses": losses, "saved": path, "step": trainer.state.step}
+
+
+# -- crashes during a save ------------------------------------------------------------------------
+CRASH_EXIT = 17
+
+
+def crash_run(overrides: list[str], crash: str | None, crash_step: int):
+    """A recipe run that dies (os._exit, no cleanup, like a kill -9) inside the save of `crash_step`:
+    - rank1_mid_write: rank 1 after writing a few of its tensors (its data file is partial)
+    - rank0_before_rename: rank 0 after every file and the COMPLETE marker, before the rename
+    - rank0_before_latest: rank 0 after the rename, before `latest` is moved
+    """
+    import types
+
+    import torch.distributed as dist
+
+    from engine.checkpoint import manager as manager_mod
+    from engine.checkpoint import storage
+
+    target = storage.step_dirname(crash_step)
+
+    def rank():
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    if crash == "rank1_mid_write":
+        writing = {"path": ""}
+        write_state, resolve = manager_mod.write_state, storage._SavePlanner.resolve_data
+        count = [0]
+
+        def tracking_write_state(path, *args, **kwargs):
+            writing["path"] = path
+            return write_state(path, *args, **kwargs)
+
+        def dying_resolve(self, item):
+            if rank() == 1 and target in writing["path"]:
+                count[0] += 1
+                if count[0] == 6:
+                    os._exit(CRASH_EXIT)
+            return resolve(self, item)
+
+        manager_mod.write_state = tracking_write_state
+        storage._SavePlanner.resolve_data = dying_resolve
+    elif crash == "rank0_before_rename":
+        real_os = storage.os
+        fake = types.ModuleType("os")
+        fake.__dict__.update(real_os.__dict__)
+
+        def rename(src, dst):
+            if rank() == 0 and os.path.basename(dst) == target:
+                os._exit(CRASH_EXIT)
+            return real_os.rename(src, dst)
+
+        fake.rename = rename
+        storage.os = fake
+    elif crash == "rank0_before_latest":
+        update_latest = storage.update_latest
+
+        def dying_update(root, name):
+            if rank() == 0 and name == target:
+                os._exit(CRASH_EXIT)
+            return update_latest(root, name)
+
+        storage.update_latest = dying_update
+    return run_recipe(overrides)
