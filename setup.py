@@ -22,6 +22,7 @@ setup(
         "pillow>=10",
         "numpy",
         "psutil",
+        "safetensors>=0.4",  # Hugging Face checkpoints (examples/convert_checkpoint.py)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

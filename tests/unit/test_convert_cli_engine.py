@@ -1,8 +1,8 @@
 """examples/convert_checkpoint.py through the real engine checkpoint format (`engine.checkpoint.tools`):
 open_clip / HF weights -> engine checkpoint (TP=1 and TP=2) -> reshard -> back, outputs within 1e-5.
 
-Needs `write_model_checkpoint`, `read_model_checkpoint`, `inspect_checkpoint` and `reshard_checkpoint`
-from engine/checkpoint/tools.py; tests/unit/test_convert_cli.py covers the CLI without them.
+Uses `write_model_checkpoint`, `read_model_checkpoint`, `inspect_checkpoint` and `reshard_checkpoint`
+from engine/checkpoint/tools.py; tests/unit/test_convert_cli.py covers the CLI logic on its own.
 """
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ import os
 
 import pytest
 import torch
-
-try:
-    from engine.checkpoint.tools import read_model_checkpoint  # noqa: F401
-except ImportError as exc:  # until engine/checkpoint/tools.py lands
-    pytest.skip(f"engine.checkpoint.tools is not available ({exc})", allow_module_level=True)
 
 from conversion.files import save_tensor_file
 from conversion.hf_clip_format import clip_config_from_hf, hf_to_clip_state_dict
