@@ -94,9 +94,11 @@ def reshard_overrides(shapes_dir: str, tp: int, pp: int, world: int, optimizer: 
                    f"trainer.global_batch_size={GLOBAL_BATCH}", "model.vision.num_layers=4", "model.text.num_layers=4"]
 
 
-def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_before: int, train_after: int):
+def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_before: int, train_after: int,
+               batch_step: int | None = None):
     """Build the recipe at a layout; optionally load `resume`; train `train_before` steps; save into
-    `out_dir`/checkpoints; train `train_after` more steps. Returns the losses and the saved path."""
+    `out_dir`/checkpoints; train `train_after` more steps. Returns the losses and the saved path.
+    Batches follow the step count (or start at `batch_step`)."""
     from engine.config import load_config
     from engine.recipes.clip import build_trainer
     from engine.schema import BARE_KEYS, ExperimentConfig
@@ -110,7 +112,7 @@ def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_bef
     trainer, _ = build_trainer(cfg, ctx)
     manager = trainer.checkpoint
     manager.resume(trainer)
-    batches = fixed_batches(cfg, ctx.dp_rank, ctx.dims.dp, trainer.state.step)
+    batches = fixed_batches(cfg, ctx.dp_rank, ctx.dims.dp, trainer.state.step if batch_step is None else batch_step)
     losses = []
 
     def train(n):
@@ -123,7 +125,7 @@ def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_bef
     path = manager.save(trainer)
     train(train_after)
     manager.close()
-    return {"losses": losses, "saved": path, "step": trainer.state.step}
+    return {"losses": losses, "saved": path, "step": trainer.state.step, "adam_step": trainer.optimizer.checkpoint_step}
 
 
 # -- crashes during a save ------------------------------------------------------------------------

@@ -66,3 +66,18 @@ def test_offline_reshard_then_load(saved):
                         offline, 0, AFTER, timeout=600)
     assert results[0]["losses"] == pytest.approx(saved["losses"][BEFORE:], rel=1e-4)
     assert os.path.basename(results[0]["saved"]) == f"step_{BEFORE:09d}"
+
+
+def test_model_only_checkpoint_starts_training_at_any_layout(saved):
+    """`write_model_checkpoint` (what weight converters write) from the full TP=1 weights of the
+    saved run: loads at TP=2 x DP=2 as weights only (step 0, fresh Adam state), and its first loss is
+    the saved run's loss on the same batch."""
+    from engine.checkpoint.tools import read_model_checkpoint, write_model_checkpoint
+
+    cfg, full = read_model_checkpoint(saved["path"])
+    weights = write_model_checkpoint(str(saved["root"] / "weights_only"), cfg, full)
+    out = str(saved["root"] / "from_weights")
+    results = run_ranks(4, run_layout, reshard_overrides(saved["shapes"], 2, 1, 4, "adamw"), out, weights, 0, 1,
+                        BEFORE, timeout=600)
+    assert results[0]["losses"][0] == pytest.approx(saved["losses"][BEFORE], rel=1e-4)
+    assert results[0]["step"] == 1 and results[0]["adam_step"] == 1  # counted from 0: no optimizer state

@@ -97,3 +97,33 @@ def test_damaged_files_are_named(written, tmp_path):
         read_model_checkpoint(written)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_model_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_tools_run_without_torch_distributed(tmp_path):
+    """The converter CLI calls the tools in a plain process: no process group, none left behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import warnings; warnings.filterwarnings("ignore")
+        import torch, torch.distributed as dist
+        from engine.checkpoint.tools import (inspect_checkpoint, read_model_checkpoint, reshard_checkpoint,
+                                             single_process_parallel_state, write_model_checkpoint)
+        from engine.schema import ExperimentConfig
+        from models.clip.model import CLIPModel
+        from tests.distributed.clip_fixtures import tiny_clip_config
+        cfg = ExperimentConfig(model=tiny_clip_config())
+        with single_process_parallel_state():
+            state = CLIPModel(cfg.model).state_dict()
+        assert not dist.is_initialized()
+        path = write_model_checkpoint({str(tmp_path / 'w')!r}, cfg, state)
+        cfg2, full = read_model_checkpoint(path)
+        assert all(torch.equal(full[k], v) for k, v in state.items() if torch.is_tensor(v))
+        reshard_checkpoint(path, {str(tmp_path / 'w2')!r}, 2, 2, "bf16")
+        assert "TP=2 PP=2" in inspect_checkpoint({str(tmp_path / 'w2')!r})
+        assert not dist.is_initialized()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
