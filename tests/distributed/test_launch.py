@@ -194,3 +194,71 @@ def test_bad_layouts_fail_fast(tmp_path, shapes):
                for _, out in results[:2]), describe(results)
     assert "error: this process runs in the SLURM batch script itself" in results[2][1], describe(results)
     assert took < RUN_TIMEOUT - 30
+
+
+FAKE_SRUN = '''#!{python}
+"""Stand-in for srun on one machine: starts the step's tasks of the command with the variables srun
+gives each task, relays USR1 to them as srun does, and exits with the highest task status."""
+import os, signal, subprocess, sys
+args, opts = sys.argv[1:], {{}}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+assert opts.get("nodes", "1") == "1", "this stand-in runs one node"
+n = int(opts.get("ntasks-per-node", "1"))
+with open(os.environ["STUB_LOG"], "a") as fh:
+    fh.write("srun " + " ".join(sys.argv[1:]) + "\\n")
+procs = []
+for i in range(n):
+    env = dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0", SLURM_NTASKS=str(n),
+               SLURM_STEP_NUM_TASKS=str(n), SLURM_STEP_ID="0", SLURM_STEP_NODELIST="localhost",
+               SLURM_STEP_TASKS_PER_NODE=str(n), SLURM_JOB_NODELIST="localhost")
+    log = open(os.path.join(os.environ["STUB_TASK_LOGS"], f"task{{i}}.log"), "w")
+    procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
+signal.signal(signal.SIGUSR1, lambda sig, frame: [p.send_signal(sig) for p in procs if p.poll() is None])
+sys.exit(max(p.wait() for p in procs))
+'''
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$STUB_LOG"
+"""
+
+
+def test_sbatch_time_limit_checkpoints_and_requeues(tmp_path, shapes):
+    """examples/slurm/pretrain_clip.sbatch end to end, with stand-ins for srun and scontrol: two real
+    training tasks; USR1 to the batch shell (what `--signal=B:USR1@...` does) reaches them through
+    srun, they save a checkpoint under checkpoint.dir and end, and only then is the job requeued."""
+    stubs, task_logs, run_dir = tmp_path / "bin", tmp_path / "tasks", tmp_path / "run"
+    stubs.mkdir()
+    task_logs.mkdir()
+    (stubs / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (stubs / "scontrol").write_text(FAKE_SCONTROL)
+    for stub in ("srun", "scontrol"):
+        (stubs / stub).chmod(0o755)
+    stub_log = tmp_path / "stub.log"
+    job = slurm_job_id()
+    env = base_env(PATH=f"{stubs}:{os.environ['PATH']}", STUB_LOG=str(stub_log), STUB_TASK_LOGS=str(task_logs),
+                   SLURM_JOB_ID=str(job), SLURM_JOB_NAME="clip", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="2",
+                   SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=REPO, ENVIRONMENT="BATCH",
+                   CONFIG="configs/clip/tiny.yaml", RUN_DIR=str(run_dir))
+    overrides = [*TINY[2:], f"data.synthetic.out_dir={shapes}", "trainer.global_batch_size=16",
+                 "trainer.max_steps=100000"]
+    batch = subprocess.Popen(["bash", "examples/slurm/pretrain_clip.sbatch", *overrides], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while not re.search(r"step \d+/100000", (task_logs / "task0.log").read_text()
+                            if (task_logs / "task0.log").exists() else ""):
+            assert batch.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.2)
+        batch.send_signal(signal.SIGUSR1)
+        out, _ = batch.communicate(timeout=120)
+    finally:
+        if batch.poll() is None:
+            os.killpg(batch.pid, signal.SIGKILL)
+    task0 = (task_logs / "task0.log").read_text()
+    assert "launched by slurm" in task0 and "DP=2" in task0, task0
+    assert re.search(r"preempted by SIGUSR1 at step \d+: checkpoint", task0), task0 + out
+    assert any(p.name.startswith("step_") for p in (run_dir / "checkpoints").iterdir())
+    lines = stub_log.read_text().splitlines()
+    assert lines[0].startswith("srun --nodes=1 --ntasks-per-node=2") and "checkpoint.resume=auto" in lines[0]
+    assert lines[1:] == [f"scontrol requeue {job}"], out

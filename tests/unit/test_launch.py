@@ -14,7 +14,8 @@ from parallel.launch import (
     LaunchError, first_slurm_host, iter_slurm_hosts, parse_tasks_per_node, read_launch_env,
 )
 
-SBATCH = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "slurm", "pretrain_clip.sbatch")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SBATCH = os.path.join(REPO, "examples", "slurm", "pretrain_clip.sbatch")
 
 
 @pytest.mark.parametrize("nodelist,hosts", [
@@ -163,7 +164,7 @@ def test_no_launcher_is_one_process():
     assert (env.rank, env.world_size, env.source) == (0, 1, "single")
 
 
-# --- examples/slurm/pretrain_clip.sbatch with stub srun/scontrol --------------------------------------
+# --- examples/slurm/pretrain_clip.sbatch with stub srun/scontrol/torchrun ---------------------------
 
 STUB_SRUN = """#!/bin/bash
 # stands in for srun: records its arguments, then behaves like a training step that checkpoints and
@@ -176,6 +177,9 @@ end=$((SECONDS + STUB_STEP_SECONDS))
 while (( SECONDS < end )); do sleep 0.05; done
 echo "step finished" >> "$STUB_LOG"
 """
+STUB_TORCHRUN = """#!/bin/bash
+echo "  --signals-to-handle SIGNALS_TO_HANDLE"
+"""
 STUB_SCONTROL = """#!/bin/bash
 if [[ "$1 $2" == "show hostnames" ]]; then echo "${3%%,*}"; exit 0; fi
 echo "scontrol $*" >> "$STUB_LOG"
@@ -185,7 +189,7 @@ echo "scontrol $*" >> "$STUB_LOG"
 def _start_sbatch(tmp_path, step_seconds, launcher="srun", *overrides, **env_extra):
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("torchrun", STUB_TORCHRUN)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(stat.S_IRWXU)
     log = tmp_path / "stub.log"
@@ -225,11 +229,37 @@ def test_sbatch_srun_form_runs_python_per_task(tmp_path):
     assert not any(line.startswith("scontrol") for line in lines), "a finished job must not requeue"
 
 
+def test_sbatch_requeued_job_resumes_from_the_same_checkpoints(tmp_path):
+    """A requeued job keeps its id, so its run and checkpoint dirs are the first run's, and
+    checkpoint.resume=auto picks up the checkpoint saved before the requeue."""
+    commands = []
+    for restart in ("0", "1"):
+        proc, log = _start_sbatch(tmp_path, 0.1, "srun", SLURM_RESTART_COUNT=restart)
+        rc, out = _finish(proc)
+        assert rc == 0, out
+        commands.append(log.read_text().splitlines()[0])
+    assert commands[0] == commands[1] and "checkpoint.resume=auto" in commands[0]
+
+
+def test_sbatch_python_arguments_are_valid_config(tmp_path):
+    from engine.config import load_config, split_config_arg
+    from engine.schema import BARE_KEYS, ExperimentConfig
+
+    proc, log = _start_sbatch(tmp_path, 0.1, "srun", "tensor_model_parallel_size=2")
+    rc, out = _finish(proc)
+    argv = log.read_text().splitlines()[0].split(" python -u examples/pretrain_clip.py ")[1].split(" ")
+    config_file, overrides = split_config_arg(argv)
+    cfg = load_config(ExperimentConfig, os.path.join(REPO, config_file), overrides, BARE_KEYS)
+    assert cfg.checkpoint.dir == f"{tmp_path}/runs/clip-4242/checkpoints" and cfg.checkpoint.resume == "auto"
+    assert cfg.trainer.output_dir == f"{tmp_path}/runs/clip-4242"
+    assert cfg.parallel.tensor_model_parallel_size == 2
+
+
 def test_sbatch_torchrun_form_uses_c10d(tmp_path):
     proc, log = _start_sbatch(tmp_path, 0.2, "torchrun")
     rc, out = _finish(proc)
     srun = log.read_text().splitlines()[0]
-    assert rc == 0, out
+    assert rc == 0 and "warning" not in out, out
     assert "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=24 torchrun --nnodes=2 --nproc_per_node=4" in srun
     assert "--rdzv_id=4242 --rdzv_backend=c10d --rdzv_endpoint=nodeA:24242 examples/pretrain_clip.py" in srun
 
