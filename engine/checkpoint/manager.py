@@ -347,15 +347,16 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
         if with_optimizer:
             optimizer.checkpoint_step = meta["optimizer"]["step"]
         optimizer.after_checkpoint_load(master_loaded=master)
-    if loader is not None and "data" in contents:
+    if loader is not None and "data" in contents and place.pp_rank == 0:
         if want_data:
             state = dict(target.entries[place.data_key])
             if meta["layout"]["data_parallel_size"] != place.dp_size:
                 state["exact"] = False
-            exact = loader.load_state_dict(state)
-        else:
-            exact = False
-        if not exact and place.pp_rank == 0:
+        else:  # a DP rank the saved run did not have: a fresh stream, past the saved position
+            state = {"exact": False, "stream": None, "batches_consumed": meta["samples_seen"], "stats": {},
+                     "num_shards": -1, "dp_rank": -1}
+        exact = loader.load_state_dict(state)
+        if not exact:
             log.warning("data pipeline position not restored exactly (data-parallel size %d -> %d or data "
                         "workers): this rank continues on a freshly seeded stream",
                         meta["layout"]["data_parallel_size"], place.dp_size)

@@ -10,8 +10,11 @@ Exit behaviour, for whoever writes the launcher:
   the training loop without evaluating, and the process ends normally with exit status 0.
   `resume: auto` (the default) then continues from that checkpoint when the job is restarted.
 - Time to react: at most one training step plus one save. With `#SBATCH --signal=B:USR1@<seconds>`
-  choose <seconds> above that; torchrun's agent gives its workers 30 s after forwarding SIGTERM
-  before it kills them.
+  choose <seconds> above that. Under torchrun the agent must relay the signal
+  (`PET_SIGNALS_TO_HANDLE=...,SIGUSR1`, torch >= 2.9) and wait long enough for the save
+  (`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, default 30 s), as examples/slurm/pretrain_clip.sbatch does;
+  the workers then exit 0 while torchrun itself exits 1 (its `SignalException`). With srun
+  launching the training processes directly, srun relays USR1 to every task.
 - A second signal while stopping is ignored (the save is not interrupted). SIGINT is left alone.
 """
 from __future__ import annotations

@@ -154,7 +154,7 @@ def write_model_checkpoint(out_dir: str, cfg, full_state_dict: dict) -> str:
     then starts training from these weights at any layout (fresh optimizer, step 0). Returns the path."""
     from engine.config import to_yaml
 
-    specs, extra, dtypes = reference_specs(cfg.model)
+    specs, extra, _ = reference_specs(cfg.model)
     tensors = {k: v for k, v in full_state_dict.items() if torch.is_tensor(v)}
     missing = sorted(set(specs) - set(tensors))
     unexpected = sorted(k for k in tensors if k not in specs)
