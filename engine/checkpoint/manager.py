@@ -12,7 +12,8 @@ thread. gloo works beside NCCL on GPU, and DCP's object collectives want CPU ten
 
 Asynchronous save (`checkpoint.async_save`): the state is copied to host memory on the training
 thread (the only blocking part), then written and committed by a background thread; the next save,
-a preemption and the end of training wait for it. A failed asynchronous save is re-raised there.
+a preemption and the end of training wait for it. A failed asynchronous save is re-raised there; one still running when the process dies is never
+committed (its temporary directory is removed by the next save).
 """
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ class CheckpointManager:
             blocking = time.time() - start
             self._thread_error = None
             self._thread = threading.Thread(target=self._write_in_thread, args=(tmp, final, entries, step, start,
-                                                                                 blocking), daemon=False)
+                                                                                 blocking), daemon=True)
             self._thread.start()
         else:
             self._write_and_commit(tmp, final, entries, step)

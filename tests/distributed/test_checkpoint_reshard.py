@@ -1,5 +1,5 @@
 """Re-sharding: a checkpoint saved at TP=2 x PP=2 x DP=2 with ZeRO-1 loads at TP=1/PP=1/DP=1 (into
-the replicated AdamW) and at TP=4, and training continues with the same losses; saved again at the
+the replicated AdamW), at TP=4 and at PP=4, and training continues with the same losses; saved again at the
 new layout it holds bit-identical canonical tensors (weights and Adam moments), so the re-sharding
 itself is exact. Offline re-sharding (`reshard_checkpoint`) loads the same way.
 
@@ -40,10 +40,11 @@ def _assert_same_tensors(a: str, b: str):
     return ra, rb
 
 
-@pytest.mark.parametrize("tp,world,optimizer", [(1, 1, "adamw"), (4, 4, "distributed_fused_adam")])
-def test_load_at_another_layout_continues_with_the_same_loss(saved, tp, world, optimizer):
-    out = str(saved["root"] / f"tp{tp}")
-    results = run_ranks(world, run_layout, reshard_overrides(saved["shapes"], tp, 1, world, optimizer), out,
+@pytest.mark.parametrize("tp,pp,world,optimizer", [
+    (1, 1, 1, "adamw"), (4, 1, 4, "distributed_fused_adam"), (1, 4, 4, "distributed_fused_adam")])
+def test_load_at_another_layout_continues_with_the_same_loss(saved, tp, pp, world, optimizer):
+    out = str(saved["root"] / f"tp{tp}pp{pp}")
+    results = run_ranks(world, run_layout, reshard_overrides(saved["shapes"], tp, pp, world, optimizer), out,
                         saved["path"], 0, AFTER, timeout=600)
     want = saved["losses"][BEFORE:]
     got = results[0]["losses"]

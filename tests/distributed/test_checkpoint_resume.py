@@ -26,7 +26,9 @@ def shapes_dir(tmp_path_factory):
     ("adamw", 2, 4, []),
     # bf16 O2: bf16 weights, fp32 master weights sharded over DP (saved as optim/master/*)
     ("distributed_fused_adam", 1, 2, ["trainer.precision=bf16", "model.megatron_amp_O2=true"]),
-], ids=["zero1-tp2-dp2", "adamw-tp2-dp2", "zero1-bf16-O2-dp2"])
+    # two pipeline stages: only the first reads data; RNG per stage
+    ("distributed_fused_adam", 1, 4, ["pipeline_model_parallel_size=2"]),
+], ids=["zero1-tp2-dp2", "adamw-tp2-dp2", "zero1-bf16-O2-dp2", "zero1-pp2-dp2"])
 def test_exact_resume_after_preemption(tmp_path, shapes_dir, optimizer, tp, world, extra):
     def overrides(out):
         return recipe_overrides(out, shapes_dir, tp, optimizer) + extra
@@ -46,8 +48,9 @@ def test_exact_resume_after_preemption(tmp_path, shapes_dir, optimizer, tp, worl
     assert len(want["history"]) == STEPS
     assert got["history"] == want["history"]  # every step's loss, bit for bit
     assert got["samples_seen"] == want["samples_seen"]
-    for name, tensor in want["params"].items():
-        assert torch.equal(got["params"][name], tensor), name
+    for rank, (want_rank, got_rank) in enumerate(zip(straight, second)):  # every stage's and TP rank's share
+        for name, tensor in want_rank["params"].items():
+            assert torch.equal(got_rank["params"][name], tensor), (rank, name)
     # the final save of the resumed run is the latest; the preemption checkpoint is kept (keep_last=3)
     with open(os.path.join(ckpt_root, "latest")) as fh:
         assert fh.read().strip() == f"step_{STEPS:09d}"
