@@ -4,7 +4,8 @@ new layout it holds bit-identical canonical tensors (weights and Adam moments), 
 itself is exact. Offline re-sharding (`reshard_checkpoint`) loads the same way.
 
 Tolerance on losses: the layouts sum in different orders (TP all-reduces, pipeline, DP gathers);
-differences are ~1e-6; 1e-4 relative still catches a lost moment or a wrong shard (1e-2 and up).
+measured differences are below 1e-7 relative; 1e-5 still catches a lost moment or a wrong shard
+(1e-3 and up).
 """
 import os
 
@@ -48,7 +49,9 @@ def test_load_at_another_layout_continues_with_the_same_loss(saved, tp, pp, worl
                         saved["path"], 0, AFTER, timeout=600)
     want = saved["losses"][BEFORE:]
     got = results[0]["losses"]
-    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    print(f"TP={tp} PP={pp}: losses {got}, saved layout {want}, max rel diff "
+          f"{max(abs(a - b) / abs(b) for a, b in zip(got, want)):.1e}")
+    assert got == pytest.approx(want, rel=1e-5), (got, want)
     assert results[0]["step"] == BEFORE + AFTER
     # saved again right after loading: the same canonical tensors, bit for bit
     ra, rb = _assert_same_tensors(saved["path"], results[0]["saved"])
@@ -65,7 +68,7 @@ def test_offline_reshard_then_load(saved):
     out = str(saved["root"] / "from_offline")
     results = run_ranks(4, run_layout, reshard_overrides(saved["shapes"], 4, 1, 4, "distributed_fused_adam"), out,
                         offline, 0, AFTER, timeout=600)
-    assert results[0]["losses"] == pytest.approx(saved["losses"][BEFORE:], rel=1e-4)
+    assert results[0]["losses"] == pytest.approx(saved["losses"][BEFORE:], rel=1e-5)
     assert os.path.basename(results[0]["saved"]) == f"step_{BEFORE:09d}"
 
 
@@ -80,5 +83,5 @@ def test_model_only_checkpoint_starts_training_at_any_layout(saved):
     out = str(saved["root"] / "from_weights")
     results = run_ranks(4, run_layout, reshard_overrides(saved["shapes"], 2, 1, 4, "adamw"), out, weights, 0, 1,
                         BEFORE, timeout=600)
-    assert results[0]["losses"][0] == pytest.approx(saved["losses"][BEFORE], rel=1e-4)
+    assert results[0]["losses"][0] == pytest.approx(saved["losses"][BEFORE], rel=1e-5)
     assert results[0]["step"] == 1 and results[0]["adam_step"] == 1  # counted from 0: no optimizer state
