@@ -324,13 +324,16 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
         _log_config_changes(meta["config_yaml"], cfg)
     contents = meta["contents"]
     target = st.LoadTarget(meta["tensors"])
-    names = st.add_model(target, model, place, prefer_master=True)
-    _check_model_coverage(meta, names, group)
-    master = False
+    master, names, error = False, [], None
     with_optimizer = optimizer is not None and load_optimizer and "optimizer" in contents
-    if with_optimizer:
-        master = st.add_optimizer(target, optimizer, model, place)["master"]
-    elif optimizer is not None and "optimizer" not in contents:
+    try:  # a mismatch on one rank must stop every rank, not leave the others in a collective
+        names = st.add_model(target, model, place, prefer_master=True)
+        if with_optimizer:
+            master = st.add_optimizer(target, optimizer, model, place)["master"]
+    except CheckpointError as exc:
+        error = str(exc)
+    _check_model_coverage(meta, names, error, group)
+    if optimizer is not None and "optimizer" not in contents:
         log.warning("checkpoint %s holds model weights only: optimizer state starts fresh", path)
     elif optimizer is not None:
         log.info("checkpoint.load_optimizer=false: optimizer state starts fresh")
@@ -373,11 +376,17 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
     return meta
 
 
-def _check_model_coverage(meta: dict, names: list[str], group) -> None:
-    """Every model tensor of the checkpoint must be taken by some rank (a smaller model is an error)."""
-    taken = set()
-    for part in _all_gather(sorted(names), group):
-        taken.update(part)
+def _check_model_coverage(meta: dict, names: list[str], error: str | None, group) -> None:
+    """Collective: raise on every rank when any rank could not place a tensor (`error`), or when a
+    model tensor of the checkpoint is taken by no rank (a smaller model is an error too)."""
+    taken, errors = set(), set()
+    for part_names, part_error in _all_gather((sorted(names), error), group):
+        taken.update(part_names)
+        if part_error:
+            errors.add(part_error)
+    if errors:
+        raise CheckpointError("cannot load this checkpoint into this model; nothing was loaded:\n  "
+                              + "\n  ".join(sorted(errors)[:12]))
     stored = {k[len(st.MODEL):] for k in meta["tensors"] if k.startswith(st.MODEL)}
     unused = sorted(stored - taken)
     if unused:

@@ -127,3 +127,30 @@ def test_tools_run_without_torch_distributed(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_load_into_a_model_names_what_does_not_fit(model_and_cfg, written):
+    from engine.checkpoint import load_into
+    from engine.checkpoint.state import Placement
+    from models.clip.model import CLIPModel
+
+    model, cfg = model_and_cfg
+    same = CLIPModel(cfg.model)
+    meta = load_into(written, Placement(), same)
+    assert meta["contents"] == ["model"]
+    for key, value in model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(same.state_dict()[key], value), key
+    deeper = tiny_clip_config()
+    deeper.text.vocab_size, deeper.vision.num_layers = 300, 3
+    with pytest.raises(CheckpointError, match=r"model/visual.transformer.layers.2.\S+: not in the checkpoint"):
+        load_into(written, Placement(), CLIPModel(deeper))
+    shallower = tiny_clip_config()
+    shallower.text.vocab_size, shallower.text.num_layers = 300, 1
+    with pytest.raises(CheckpointError, match=r"model tensors this model does not: text.transformer.layers.1"):
+        load_into(written, Placement(), CLIPModel(shallower))
+    wider = tiny_clip_config()
+    wider.text.vocab_size, wider.vision.ffn_hidden_size = 300, 256
+    with pytest.raises(CheckpointError, match=r"linear_fc1.weight: shape \(128, 64\) in the checkpoint, \(256, 64\)"):
+        load_into(written, Placement(), CLIPModel(wider))
+    CheckpointReader(written)  # the checkpoint itself is untouched
