@@ -183,7 +183,8 @@ class CheckpointManager:
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "manual") -> str:
-        """Collective: write this step's checkpoint (skipped when it exists); returns its path."""
+        """Collective: write this step's checkpoint and return its path (nothing is written when this
+        manager has just saved or resumed from that very directory)."""
         step = trainer.state.step
         final = os.path.join(self.root, step_dirname(step))
         if self.last_saved_step == step and self.last_saved_path == final:
