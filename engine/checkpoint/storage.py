@@ -42,12 +42,16 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import (
-    _create_read_item_for_byteio,
-    _create_write_item_for_bytesio,
-    create_read_items_for_chunk_list,
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
 )
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 log = logging.getLogger("engine")
 
@@ -105,7 +109,7 @@ class _SavePlanner(DefaultSavePlanner):
                         tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor),
                                                     size=obj.global_shape)))
             else:
-                items.append(_create_write_item_for_bytesio(fqn, obj))
+                items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
         self.plan = SavePlan(items)
         return self.plan
 
@@ -138,7 +142,9 @@ class _LoadPlanner(DefaultLoadPlanner):
             else:
                 if not isinstance(md, BytesStorageMetadata):
                     raise CheckpointError(f"{fqn}: stored as a tensor, asked for as an object")
-                requests.append(_create_read_item_for_byteio(MetadataIndex(fqn), 0, MetadataIndex(fqn), 0, 0))
+                requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn),
+                                         dest_offsets=torch.Size((0,)), storage_index=MetadataIndex(fqn),
+                                         storage_offsets=torch.Size((0,)), lengths=torch.Size((0,))))
         return LoadPlan(requests)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
