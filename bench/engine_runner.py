@@ -17,7 +17,7 @@ def timing_overrides(steps: int, shards_dir: str, output_dir: str) -> list[str]:
     """Log every step, no evaluation, synthetic shards from `shards_dir`, CPU."""
     return [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
             "eval.zero_shot=false", "eval.retrieval=false", f"data.synthetic.out_dir={shards_dir}",
-            f"trainer.output_dir={output_dir}", "device=cpu"]
+            f"trainer.output_dir={output_dir}", "device=cpu", "checkpoint.save_at_end=false"]
 
 
 def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup: int, shards_dir: str,
