@@ -140,7 +140,12 @@ def cmd_import_open_clip(args) -> None:
     cfg = clip_config_from_openclip(model_cfg)
     if preprocess:
         cfg.vision.image_mean, cfg.vision.image_std = image_stats(preprocess.get("mean"), preprocess.get("std"))
-    cfg, full = _pad_ffn(cfg, openclip_to_clip_state_dict(state, cfg), args)
+    _write_import(cfg, openclip_to_clip_state_dict(state, cfg), args)
+
+
+def _write_import(cfg, full: dict, args) -> None:
+    """Both importers' tail: pad the MLP if asked, cast, wrap in an experiment config, write, report."""
+    cfg, full = _pad_ffn(cfg, full, args)
     full = _cast(full, _torch_dtype(args.dtype))
     exp = experiment_config(cfg, args.config, args.overrides)
     _default_tokenizer(exp, args)
@@ -169,13 +174,7 @@ def cmd_import_hf_clip(args) -> None:
 
     hf_cfg, state, preprocessor = read_hf_clip(args.source)
     cfg = clip_config_from_hf(hf_cfg, preprocessor)
-    cfg, full = _pad_ffn(cfg, hf_to_clip_state_dict(state, cfg), args)
-    full = _cast(full, _torch_dtype(args.dtype))
-    exp = experiment_config(cfg, args.config, args.overrides)
-    _default_tokenizer(exp, args)
-    _write_engine_checkpoint(args.out, exp, full, args.tensor_model_parallel_size,
-                             args.pipeline_model_parallel_size, _torch_dtype(args.dtype))
-    _print_model(exp, args.out)
+    _write_import(cfg, hf_to_clip_state_dict(state, cfg), args)
 
 
 def cmd_export_hf_clip(args) -> None:
