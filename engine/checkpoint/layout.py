@@ -10,8 +10,8 @@ numbered globally. Every piece a rank saves or loads is an N-d box of a canonica
   few boxes (a partial row, a block of whole rows, a partial row; recursively per dimension).
 
 Pipeline stages hold a subset of the layers under local indices; megatron's `TransformerLayer`
-carries its global 1-based `layer_number`, so the canonical name is found from the module itself
-(`canonical_param_names`), and `local_to_global_name` gives the same answer from arithmetic for
+carries its global 1-based `layer_number`, so the canonical name is found from the model itself
+(`parallel.pp_sharding.layer_offsets` / `global_name`), and `local_to_global_name` gives the same answer from arithmetic for
 tools that have no model at hand.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from parallel.pp_sharding import global_name, layer_offsets
 
 # Towers whose transformer blocks are split over pipeline stages, as they appear in parameter names.
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\btransformer\.layers\.)(?P<index>\d+)(?P<rest>\..*)$")
@@ -39,24 +41,6 @@ def local_to_global_name(name: str, pp_rank: int, pp_size: int, num_layers: dict
         raise ValueError(f"{tower}: {total} layers do not split evenly over {pp_size} pipeline stages")
     index = int(match.group("index")) + pp_rank * (total // pp_size)
     return f"{match.group('prefix')}{index}{match.group('rest')}"
-
-
-def canonical_module_prefixes(model: torch.nn.Module) -> dict[str, str]:
-    """Local module prefix -> global prefix for every transformer layer whose index differs."""
-    mapping = {}
-    for name, module in model.named_modules():
-        match = re.match(r"^(.*\btransformer\.layers\.)(\d+)$", name)
-        number = getattr(module, "layer_number", None)
-        if match and isinstance(number, int) and number - 1 != int(match.group(2)):
-            mapping[name + "."] = f"{match.group(1)}{number - 1}."
-    return mapping
-
-
-def canonicalize(name: str, prefixes: dict[str, str]) -> str:
-    for local, global_ in prefixes.items():
-        if name.startswith(local):
-            return global_ + name[len(local):]
-    return name
 
 
 @dataclass(frozen=True)
@@ -81,21 +65,21 @@ def _vocab_padded_params(model: torch.nn.Module) -> set:
 
 def param_specs(model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict[str, TensorSpec]:
     """Local parameter name -> its `TensorSpec` (parameters only; buffers are listed by `tensor_specs`)."""
-    prefixes = canonical_module_prefixes(model)
+    offsets = layer_offsets(model)
     padded = _vocab_padded_params(model)
     specs = {}
     for name, param in model.named_parameters():
-        specs[name] = _spec(canonicalize(name, prefixes), param, tp_rank, tp_size, id(param) in padded)
+        specs[name] = _spec(global_name(name, offsets), param, tp_rank, tp_size, id(param) in padded)
     return specs
 
 
 def tensor_specs(model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict[str, TensorSpec]:
     """Every tensor of `model.state_dict()` (parameters and persistent buffers) -> `TensorSpec`."""
     specs = param_specs(model, tp_rank, tp_size)
-    prefixes = canonical_module_prefixes(model)
+    offsets = layer_offsets(model)
     for name, value in model.state_dict(keep_vars=True).items():
         if name not in specs and torch.is_tensor(value):
-            specs[name] = _spec(canonicalize(name, prefixes), value, tp_rank, tp_size, False)
+            specs[name] = _spec(global_name(name, offsets), value, tp_rank, tp_size, False)
     return specs
 
 

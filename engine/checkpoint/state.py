@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.checkpoint.layout import TensorSpec, clip_box, flat_range_boxes, param_specs, shift, tensor_specs
+from engine.checkpoint.layout import (
+    TensorSpec,
+    clip_box,
+    flat_range_boxes,
+    param_specs,
+    shift,
+    tensor_specs,
+)
 from engine.checkpoint.storage import Boxes, CheckpointError
 
 MODEL, EXP_AVG, EXP_AVG_SQ, MASTER = "model/", "optim/exp_avg/", "optim/exp_avg_sq/", "optim/master/"
@@ -41,7 +48,7 @@ class Placement:
     dp_size: int = 1
 
     @classmethod
-    def from_ctx(cls, ctx) -> "Placement":
+    def from_ctx(cls, ctx) -> Placement:
         d = ctx.dims
         return cls(ctx.tp_rank, d.tp, ctx.pp_rank, d.pp, ctx.dp_rank, d.dp)
 
@@ -77,10 +84,10 @@ def model_entries(model: torch.nn.Module, place: Placement) -> tuple[dict, dict]
 
 def extra_state_keys(model: torch.nn.Module, place: Placement) -> list[str]:
     """Canonical names of non-tensor state-dict entries (megatron's `_extra_state`, None without TE)."""
-    from engine.checkpoint.layout import canonical_module_prefixes, canonicalize
+    from parallel.pp_sharding import global_name, layer_offsets
 
-    prefixes = canonical_module_prefixes(model)
-    return [canonicalize(k, prefixes) for k, v in model.state_dict().items() if not torch.is_tensor(v)]
+    offsets = layer_offsets(model)
+    return [global_name(k, offsets) for k, v in model.state_dict().items() if not torch.is_tensor(v)]
 
 
 def tensor_specs_cache(model: torch.nn.Module, place: Placement) -> dict[str, TensorSpec]:
