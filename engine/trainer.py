@@ -51,7 +51,6 @@ class Trainer:
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
-        self.last_schedule = None  # timings of the latest step's schedule (bubble fraction)
         self.accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, ctx.dims.dp)
         self.state = TrainState()
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
@@ -67,7 +66,6 @@ class Trainer:
         run = forward_backward(model=self.model, forward_step=self.forward_step, data_iter=data_iter,
                                num_micro_batches=self.accum, link=self.link, optimizer=self.optimizer,
                                loss_scale=scale, autocast=autocast)
-        self.last_schedule = run
         result = self.optimizer.step()  # DP gradient sync, unscale, inf check, clip, update
         if result.skipped:
             self._skip_nonfinite(result.grad_norm)

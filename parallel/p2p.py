@@ -91,18 +91,14 @@ class StageLink:
             return None
         if self.recv_layout is None:
             self.recv_layout = self._recv_header()
-        message = self._empty(self.recv_layout)
-        for tensor in message.values():
-            dist.recv(tensor, self.prev)
-        return message
+        return self._recv_tensors(self.recv_layout)
 
     def send_forward(self, message: Message) -> None:
         if self.is_last:
             return
         if self._check_send_layout(message):
             self._send_header(self.send_layout)
-        for tensor in message.values():
-            dist.send(tensor.detach().contiguous(), self.next)
+        self._send_tensors(message)
 
     def recv_backward(self) -> Message | None:
         if self.is_last:
@@ -146,6 +142,17 @@ class StageLink:
             raise ValueError(f"pipeline stage {self.rank}: no gradient for {missing}")
         return [grads[n] for n in names]
 
+    def _send_tensors(self, message: Message) -> None:
+        """Blocking sends to the next stage (one direction only: no pairing needed)."""
+        for tensor in message.values():
+            dist.send(tensor.detach().contiguous(), self.next)
+
+    def _recv_tensors(self, layout: list) -> Message:
+        message = self._empty(layout)
+        for tensor in message.values():
+            dist.recv(tensor, self.prev)
+        return message
+
     @staticmethod
     def _wait(ops: list) -> None:
         if ops:
@@ -157,13 +164,9 @@ class StageLink:
         if self.is_last:
             return
         self._send_header(_layout(message))
-        for tensor in message.values():
-            dist.send(tensor.detach().contiguous(), self.next)
+        self._send_tensors(message)
 
     def recv_forward_any(self) -> Message | None:
         if self.is_first:
             return None
-        message = self._empty(self._recv_header())
-        for tensor in message.values():
-            dist.recv(tensor, self.prev)
-        return message
+        return self._recv_tensors(self._recv_header())

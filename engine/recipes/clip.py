@@ -9,7 +9,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.pipeline import build_clip_dataloader, expand_shards
 from data.synthetic import generate_shapes_dataset, read_captions
@@ -27,7 +26,7 @@ from engine.precision import PrecisionPlan, plan_precision
 from engine.schedules import pipelined_forward
 from engine.trainer import Trainer
 from models.clip.loss import ContrastiveLoss
-from models.clip.model import CLIPModel, count_parameters
+from models.clip.model import CLIPModel, count_parameters, normalize_features
 from models.common.attention import announce_attention_backend
 from parallel.p2p import StageLink
 
@@ -117,8 +116,8 @@ def clip_forward_step(loss_fn, device, model, batch, inputs=None):
     out = model.stage_forward(inputs, images, tokens)
     if not model.post_process:
         return out, info
-    normalize = lambda f: F.normalize(f.float(), dim=-1)
-    return loss_fn(normalize(out["image_features"]), normalize(out["text_features"]), model.scale()), info
+    image, text = normalize_features(out["image_features"]), normalize_features(out["text_features"])
+    return loss_fn(image, text, model.scale()), info
 
 
 def pipelined_encoders(model: CLIPModel, link: StageLink | None):
@@ -132,7 +131,7 @@ def pipelined_encoders(model: CLIPModel, link: StageLink | None):
         batch = (images if images is not None else tokens).shape[0]
         features = torch.empty(batch, model.cfg.output_dim, device=link.device)
         if out is not None:
-            features.copy_(F.normalize(out[key].float(), dim=-1))
+            features.copy_(normalize_features(out[key]))
         last = dist.get_global_rank(link.group, link.size - 1)
         dist.broadcast(features, last, group=link.group)
         return features

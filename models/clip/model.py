@@ -45,6 +45,11 @@ def tower_transformer_config(tower, **overrides):
     )
 
 
+def normalize_features(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised, in fp32 (the contrastive loss and evaluation compare unit vectors)."""
+    return F.normalize(features.float(), dim=-1)
+
+
 def pipeline_stage_flags(pre_process: bool | None, post_process: bool | None) -> tuple[bool, bool]:
     """(first stage, last stage) of this rank, unless given; a single stage without parallel state."""
     initialized = parallel_state.model_parallel_is_initialized()
@@ -114,12 +119,12 @@ class CLIPModel(torch.nn.Module):
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         self._single_stage("encode_image")
         features = self.stage_forward(images=images)["image_features"]
-        return F.normalize(features.float(), dim=-1) if normalize else features
+        return normalize_features(features) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         self._single_stage("encode_text")
         features = self.stage_forward(tokens=tokens)["text_features"]
-        return F.normalize(features.float(), dim=-1) if normalize else features
+        return normalize_features(features) if normalize else features
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as open_clip (max 100) to keep the softmax from collapsing."""
@@ -128,8 +133,7 @@ class CLIPModel(torch.nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         self._single_stage("forward")
         out = self.stage_forward(images=images, tokens=tokens)
-        normalize = lambda f: F.normalize(f.float(), dim=-1)
-        return normalize(out["image_features"]), normalize(out["text_features"]), self.scale()
+        return normalize_features(out["image_features"]), normalize_features(out["text_features"]), self.scale()
 
 
 def count_parameters(module: torch.nn.Module) -> int:
