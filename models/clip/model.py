@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 
 from models.clip.config import CLIPConfig
 from models.clip.towers import TextTower, VisionTower
 from models.common.attention import resolve_attention_backend
-from models.common.transformer_config import make_transformer_config
+from models.common.stage import pipeline_stage_flags
+from models.common.transformer_config import make_transformer_config, parallel_sizes
 
 
 def recompute_settings(tower) -> dict:
@@ -50,16 +50,6 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1)
 
 
-def pipeline_stage_flags(pre_process: bool | None, post_process: bool | None) -> tuple[bool, bool]:
-    """(first stage, last stage) of this rank, unless given; a single stage without parallel state."""
-    initialized = parallel_state.model_parallel_is_initialized()
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage() if initialized else True
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage() if initialized else True
-    return pre_process, post_process
-
-
 class CLIPModel(torch.nn.Module):
     """Both towers and the temperature; under pipeline parallelism, this rank's stage of them.
 
@@ -69,11 +59,17 @@ class CLIPModel(torch.nn.Module):
     """
 
     def __init__(self, cfg: CLIPConfig, pre_process: bool | None = None, post_process: bool | None = None,
+                 tensor_model_parallel_size: int | None = None, pipeline_model_parallel_size: int | None = None,
                  **transformer_overrides):
-        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute, SP...)."""
+        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute, SP...).
+        The parallel sizes default to the running parallel state's."""
         super().__init__()
         self.cfg = cfg
         self.pre_process, self.post_process = pipeline_stage_flags(pre_process, post_process)
+        running_tp, running_pp = parallel_sizes()
+        transformer_overrides = {"tensor_model_parallel_size": tensor_model_parallel_size or running_tp,
+                                 "pipeline_model_parallel_size": pipeline_model_parallel_size or running_pp,
+                                 **transformer_overrides}
         backend = resolve_attention_backend(cfg.attention_backend, cfg.use_flash_attention)
         self.attention_backend = backend
         stage = {"pre_process": self.pre_process, "post_process": self.post_process}
