@@ -7,26 +7,9 @@ import torch.nn.functional as F
 from models.clip.config import CLIPConfig
 from models.clip.towers import TextTower, VisionTower
 from models.common.attention import resolve_attention_backend
+from models.common.recompute import recompute_settings
 from models.common.stage import pipeline_stage_flags
 from models.common.transformer_config import make_transformer_config, parallel_sizes
-
-
-def recompute_settings(tower) -> dict:
-    """NeMo's activation-checkpointing keys -> megatron-core's TransformerConfig fields."""
-    granularity = tower.activations_checkpoint_granularity
-    method, num_layers = tower.activations_checkpoint_method, tower.activations_checkpoint_num_layers
-    if granularity is None:
-        return {}
-    if granularity == "full":
-        if method not in ("uniform", "block") or not num_layers:
-            raise ValueError("activations_checkpoint_granularity=full needs activations_checkpoint_method "
-                             "(uniform or block) and activations_checkpoint_num_layers >= 1")
-        return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
-    if granularity == "selective":
-        if method is not None or num_layers is not None:
-            raise ValueError("activations_checkpoint_granularity=selective takes no method or num_layers")
-        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
-    raise ValueError(f"activations_checkpoint_granularity={granularity!r}: use full, selective or null")
 
 
 def tower_transformer_config(tower, **overrides):

@@ -84,3 +84,14 @@ def test_padded_vocab_size():
     assert padded_vocab_size(128256, 128, tensor_model_parallel_size=1) == 128256
     assert padded_vocab_size(32000, 128, tensor_model_parallel_size=3) == 32256
     assert padded_vocab_size(50257, 128, tensor_model_parallel_size=2) == 50432
+
+
+def test_strided_tp_shards_hold_their_slice_of_gate_and_up():
+    from parallel.tp_sharding import shard_tensor, unshard_tensors
+
+    gate, up = torch.arange(8.0).reshape(8, 1), 100 + torch.arange(8.0).reshape(8, 1)
+    full = torch.cat([gate, up])  # megatron's TP=1 fc1 of a gated MLP: [gate; up]
+    shards = [shard_tensor(full, 0, 2, rank, 2) for rank in range(2)]
+    torch.testing.assert_close(shards[1], torch.cat([gate[4:], up[4:]]))
+    torch.testing.assert_close(unshard_tensors(shards, 0, 2), full)
+    torch.testing.assert_close(unshard_tensors([shard_tensor(full, 0, 1, r, 4) for r in range(4)], 0, 1), full)
