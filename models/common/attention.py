@@ -20,6 +20,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from models.common.kv_cache import active_kv_cache
+
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "flash", "te")
@@ -106,6 +108,7 @@ class _CoreAttentionBase(MegatronModule):
                 f"tensor_model_parallel_size={tp_size}"
             )
         self.attn_mask_type = attn_mask_type
+        self.layer_number = layer_number
         self.heads_per_partition = config.num_attention_heads // tp_size
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
@@ -123,19 +126,30 @@ class _CoreAttentionBase(MegatronModule):
 
 
 class SDPAttention(_CoreAttentionBase):
-    """torch SDPA core attention. Inputs are megatron's [s, b, heads, head_dim]; output [s, b, h]."""
+    """torch SDPA core attention. Inputs are megatron's [s, b, heads, head_dim]; output [s, b, h].
+
+    `attention_mask`: None (the spec's mask type: causal or none) or megatron's boolean mask
+    (True = masked) broadcastable to [b, heads, s_q, s_k], or an additive float mask. While a
+    `KVCache` is active, this step's keys and values are appended to it and the queries attend over
+    every cached position (the caller's mask then spans them all).
+    """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         self._check_unsupported(attention_bias, packed_seq_params)
         seq, batch = query.shape[0], query.shape[1]
+        cache = active_kv_cache()
+        if cache is not None:
+            key, value = cache.update(self.layer_number, key, value)
+            if attention_mask is None and 1 < seq < key.shape[0] and self._is_causal(attn_mask_type):
+                raise ValueError("several new positions after a cached prefix need an explicit attention mask")
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat kv heads
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        is_causal = self._is_causal(attn_mask_type) and attention_mask is None
+        is_causal = self._is_causal(attn_mask_type) and attention_mask is None and seq == k.shape[2]
         mask = None
         if attention_mask is not None:
             # megatron masks mark positions to drop with True; SDPA's boolean masks mark ones to keep.
@@ -159,6 +173,8 @@ class FlashAttention(_CoreAttentionBase):
         from flash_attn import flash_attn_func
 
         self._check_unsupported(attention_bias, packed_seq_params)
+        if active_kv_cache() is not None:
+            raise NotImplementedError("generation with a KV cache runs on attention_backend=sdpa (the same weights)")
         if attention_mask is not None:
             raise NotImplementedError("flash-attn takes no explicit attention mask: use causal or no mask")
         seq, batch = query.shape[0], query.shape[1]

@@ -1,0 +1,1 @@
+"""Llama-style decoder-only language model on megatron-core blocks."""

@@ -1,0 +1,116 @@
+"""The LLM on one process: parameter counts of the published shapes (meta device), the state-dict
+layout the converters assume, the masked loss against torch's cross entropy, Llama-3 RoPE
+scaling against transformers' own, the weight-decay hook and the refused configurations."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conversion.llm_layout import expected_llm_shapes
+from models.llm.config import LLMConfig, RopeScalingConfig, llm_preset
+from models.llm.model import LLMModel, count_parameters
+
+
+def llama_parameter_count(vocab, hidden, layers, heads, kv_heads, ffn, tied) -> int:
+    """From the published dimensions: embedding (+ untied head), per layer q/k/v/o, SwiGLU's three
+    matrices and two RMSNorm gains, and the final norm."""
+    head = hidden // heads
+    attention = hidden * heads * head + 2 * hidden * kv_heads * head + heads * head * hidden
+    per_layer = attention + 3 * hidden * ffn + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+@pytest.mark.parametrize("preset, dims, published_billions", [
+    ("llama3.2-1b", dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, tied=True), 1.24),
+    ("llama3-8b", dict(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, tied=False), 8.03),
+])
+def test_published_sizes_on_meta_device(single_rank, preset, dims, published_billions):
+    expected = llama_parameter_count(**dims)
+    assert round(expected / 1e9, 2) == published_billions
+    with torch.device("meta"):
+        model = LLMModel(llm_preset(preset), use_cpu_initialization=True, perform_initialization=False)
+    assert count_parameters(model) == expected
+
+
+def _tiny(**overrides) -> LLMConfig:
+    return llm_preset("tiny", vocab_size=300, **overrides)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(share_embeddings_and_output_weights=False),
+                                       dict(qk_layernorm=True, num_query_groups=4)])
+def test_state_dict_layout_matches_the_converters(single_rank, overrides):
+    cfg = _tiny(**overrides)
+    model = LLMModel(cfg)
+    got = {k: (tuple(v.shape) if torch.is_tensor(v) else None) for k, v in model.state_dict().items()}
+    assert got == expected_llm_shapes(cfg)
+
+
+def test_loss_is_masked_mean_cross_entropy(single_rank):
+    torch.manual_seed(0)
+    model = LLMModel(_tiny(share_embeddings_and_output_weights=False))
+    tokens = torch.randint(0, 300, (3, 10))
+    labels = torch.randint(0, 300, (3, 10))
+    mask = (torch.rand(3, 10) > 0.3).float()
+    logits = model(tokens)
+    assert logits.shape == (3, 10, 300)  # vocabulary padding (320 rows) dropped
+    per_token = F.cross_entropy(logits.reshape(-1, 300), labels.reshape(-1), reduction="none").reshape(3, 10)
+    torch.testing.assert_close(model(tokens, labels, mask), (per_token * mask).sum() / mask.sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(tokens, labels), per_token.mean(), atol=1e-6, rtol=1e-6)
+    empty = model(tokens, labels, torch.zeros(3, 10))
+    empty.backward()
+    assert empty.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.common.rotary import RotaryEmbedding
+
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf_config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, **scaling})
+    reference, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    ours = RotaryEmbedding(64, base=500000.0, scaling=scaling).inv_freq
+    assert attention_factor == 1.0
+    torch.testing.assert_close(ours, reference.float(), atol=0, rtol=1e-6)
+    assert not torch.allclose(ours, RotaryEmbedding(64, base=500000.0).inv_freq)  # scaling changes something
+
+
+def test_rotary_angles_take_per_row_positions():
+    from models.common.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(16)
+    shared = rope(torch.arange(5))
+    rows = rope(torch.stack([torch.arange(5), torch.arange(5) + 3]))
+    assert shared.shape == (5, 1, 1, 16) and rows.shape == (5, 2, 1, 16)
+    torch.testing.assert_close(rows[:, 0], shared[:, 0])
+    torch.testing.assert_close(rows[:2, 1], shared[3:, 0])
+
+
+def test_weight_decay_hook_spares_norms_only(single_rank):
+    model = LLMModel(_tiny(share_embeddings_and_output_weights=False))
+    spared = {n for n, p in model.named_parameters() if model.no_weight_decay(n, p)}
+    assert spared == {n for n in dict(model.named_parameters()) if "layernorm" in n}
+    assert "embedding.word_embeddings.weight" not in spared and "output_layer.weight" not in spared
+
+
+def test_refused_configurations(single_rank):
+    with pytest.raises(ValueError, match="share_embeddings_and_output_weights=true with pipeline_model_parallel_size=2"):
+        LLMModel(_tiny(), pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="rope_scaling.type='yarn'"):
+        LLMModel(_tiny(rope_scaling=RopeScalingConfig(type="yarn")))
+    with pytest.raises(ValueError, match="num_query_groups=3"):
+        LLMModel(_tiny(num_query_groups=3))
+    with pytest.raises(ValueError, match="exceeds model.max_position_embeddings=1024"):
+        LLMModel(_tiny())(torch.zeros(1, 1025, dtype=torch.long))
+    model = LLMModel(dataclasses.replace(_tiny(), vocab_size=300))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 300\)"):
+        model(torch.zeros(1, 4, dtype=torch.long), labels=torch.full((1, 4), -100))
+
+
+def test_recompute_keys_reach_megatron(single_rank):
+    model = LLMModel(_tiny(activations_checkpoint_granularity="full", activations_checkpoint_method="uniform",
+                           activations_checkpoint_num_layers=1))
+    assert model.config.recompute_granularity == "full" and model.config.recompute_method == "uniform"
