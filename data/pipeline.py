@@ -69,6 +69,22 @@ class PipelineStats:
     shards_skipped: int = 0  # shard reads that failed (missing file, truncated tar); once per epoch
 
 
+def read_tar_shard(url: str, stats: PipelineStats):
+    """Raw samples (dicts of member bytes) of one WebDataset tar shard; a shard that fails is
+    logged and counted in `stats.shards_skipped`, the good samples read before the failure kept."""
+    failed = []
+
+    def handler(exn):
+        failed.append(exn)
+        return True  # keep going: samples read before the failure are still used
+
+    yield from tarfile_samples(iter([{"url": url}]), handler=handler)
+    if failed:
+        stats.shards_skipped += 1
+        log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, failed[0],
+                    stats.shards_skipped)
+
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "text", "caption")
 
@@ -95,67 +111,28 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.seed_suffix, self.start_epoch = "", 0  # approximate resume: a fresh stream
 
     def _read_shard(self, url: str):
-        """Raw samples of one shard; a shard that fails is logged and counted, good samples kept."""
-        failed = []
-
-        def handler(exn):
-            failed.append(exn)
-            return True  # keep going: samples read before the failure are still used
-
-        yield from tarfile_samples(iter([{"url": url}]), handler=handler)
-        if failed:
-            self.stats.shards_skipped += 1
-            log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, failed[0],
-                        self.stats.shards_skipped)
+        return read_tar_shard(url, self.stats)
 
     def _skip(self, raw: dict, reason: str) -> None:
         self.stats.samples_skipped += 1
         log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason)
 
+    def _usable(self, raw: dict) -> bool:
+        if _first_key(raw, IMAGE_KEYS) is None or _first_key(raw, TEXT_KEYS) is None:
+            self._skip(raw, f"no image ({'/'.join(IMAGE_KEYS)}) or caption "
+                            f"({'/'.join(TEXT_KEYS)}) member; has {sorted(k for k in raw if not k.startswith('__'))}")
+            return False
+        return True
+
     def _raw_samples(self, worker: int, num_workers: int, pos: "StreamPosition"):
         """Raw samples with an image and a caption, epoch after epoch (once unless infinite), from
         `pos` on; `pos` is advanced as samples are taken, so it always says where to resume."""
-        shards = self.shards[worker::num_workers]
-        if not shards:  # more workers than shards: this worker has nothing to read
-            return
-        while True:
-            order = list(shards)
-            if self.shuffle_buffer > 0:  # a different, reproducible shard order every epoch
-                random.Random(f"{self.seed}-{self.dp_rank}-{worker}-epoch{pos.epoch}").shuffle(order)
-            while pos.shard_index < len(order):
-                url, skip = order[pos.shard_index], pos.sample_index
-                for index, raw in enumerate(self._read_shard(url)):
-                    if index < skip:  # resuming inside this shard: already consumed
-                        continue
-                    pos.sample_index = index + 1
-                    if _first_key(raw, IMAGE_KEYS) is None or _first_key(raw, TEXT_KEYS) is None:
-                        self._skip(raw, f"no image ({'/'.join(IMAGE_KEYS)}) or caption "
-                                        f"({'/'.join(TEXT_KEYS)}) member; has {sorted(k for k in raw if not k.startswith('__'))}")
-                        continue
-                    pos.usable += 1
-                    yield raw
-                pos.shard_index, pos.sample_index = pos.shard_index + 1, 0
-            if pos.usable == 0:  # raising beats an endless loop over unreadable shards
-                raise RuntimeError(f"no readable sample in any shard of this rank (epoch {pos.epoch}): {', '.join(order)}")
-            pos.epoch, pos.shard_index, pos.usable = pos.epoch + 1, 0, 0
-            if not self.infinite:
-                return
+        yield from epoch_samples(self.shards[worker::num_workers], pos, self._read_shard, self._usable,
+                                 shuffle_key=f"{self.seed}-{self.dp_rank}-{worker}" if self.shuffle_buffer > 0 else None,
+                                 infinite=self.infinite)
 
     def _shuffled(self, raws, pos: "StreamPosition"):
-        if self.shuffle_buffer <= 0:
-            yield from raws
-            return
-        buffer, rng = pos.buffer, pos.rng
-        for raw in raws:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(raw)
-                continue
-            index = rng.randrange(len(buffer))
-            buffer[index], raw = raw, buffer[index]
-            yield raw
-        rng.shuffle(buffer)
-        while buffer:
-            yield buffer.pop(0)
+        yield from shuffle_buffered(raws, pos, self.shuffle_buffer)
 
     def _decode(self, raw: dict, rng: random.Random):
         try:
@@ -215,6 +192,59 @@ class StreamPosition:
         rng.setstate(state["rng"])
         return cls(rng, state["epoch"], state["shard_index"], state["sample_index"], state["usable"],
                    list(state["buffer"]))
+
+
+def epoch_samples(shards: list[str], pos: StreamPosition, read_shard, usable, shuffle_key: str | None,
+                  infinite: bool):
+    """Samples of `shards`, epoch after epoch (once unless `infinite`), from `pos` on.
+
+    `read_shard(url)` yields a shard's raw samples (logging and counting a failure itself);
+    `usable(raw)` says whether a sample counts (a skipped one is still consumed). With a
+    `shuffle_key` each epoch reads the shards in its own reproducible order. `pos` is advanced as
+    samples are taken, so it always says where to resume. An epoch without a single usable sample
+    raises instead of looping forever over unreadable shards.
+    """
+    if not shards:  # more workers than shards: this worker has nothing to read
+        return
+    while True:
+        order = list(shards)
+        if shuffle_key is not None:
+            random.Random(f"{shuffle_key}-epoch{pos.epoch}").shuffle(order)
+        while pos.shard_index < len(order):
+            url, skip = order[pos.shard_index], pos.sample_index
+            for index, raw in enumerate(read_shard(url)):
+                if index < skip:  # resuming inside this shard: already consumed
+                    continue
+                pos.sample_index = index + 1
+                if not usable(raw):
+                    continue
+                pos.usable += 1
+                yield raw
+            pos.shard_index, pos.sample_index = pos.shard_index + 1, 0
+        if pos.usable == 0:
+            raise RuntimeError(f"no readable sample in any shard of this rank (epoch {pos.epoch}): {', '.join(order)}")
+        pos.epoch, pos.shard_index, pos.usable = pos.epoch + 1, 0, 0
+        if not infinite:
+            return
+
+
+def shuffle_buffered(items, pos: StreamPosition, size: int):
+    """A shuffle buffer of `size` items (none when size <= 0), kept in `pos` with its RNG so a
+    resumed stream continues exactly."""
+    if size <= 0:
+        yield from items
+        return
+    buffer, rng = pos.buffer, pos.rng
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(len(buffer))
+        buffer[index], item = item, buffer[index]
+        yield item
+    rng.shuffle(buffer)
+    while buffer:
+        yield buffer.pop(0)
 
 
 def _collate(samples: list[dict]) -> dict:
