@@ -124,14 +124,14 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             return False
         return True
 
-    def _raw_samples(self, worker: int, num_workers: int, pos: "StreamPosition"):
+    def _raw_samples(self, worker: int, num_workers: int, pos: StreamPosition):
         """Raw samples with an image and a caption, epoch after epoch (once unless infinite), from
         `pos` on; `pos` is advanced as samples are taken, so it always says where to resume."""
         yield from epoch_samples(self.shards[worker::num_workers], pos, self._read_shard, self._usable,
                                  shuffle_key=f"{self.seed}-{self.dp_rank}-{worker}" if self.shuffle_buffer > 0 else None,
                                  infinite=self.infinite)
 
-    def _shuffled(self, raws, pos: "StreamPosition"):
+    def _shuffled(self, raws, pos: StreamPosition):
         yield from shuffle_buffered(raws, pos, self.shuffle_buffer)
 
     def _decode(self, raw: dict, rng: random.Random):
@@ -187,7 +187,7 @@ class StreamPosition:
                 "usable": self.usable, "rng": self.rng.getstate(), "buffer": list(self.buffer)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "StreamPosition":
+    def from_state(cls, state: dict) -> StreamPosition:
         rng = random.Random()
         rng.setstate(state["rng"])
         return cls(rng, state["epoch"], state["shard_index"], state["sample_index"], state["usable"],

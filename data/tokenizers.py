@@ -1,5 +1,6 @@
-"""Tokenizers behind one interface: SentencePiece (trained on the captions, or a user's .model) and
-CLIP's byte-level BPE (from a user-supplied `bpe_simple_vocab_16e6.txt.gz`, as open_clip).
+"""Tokenizers behind one interface: SentencePiece (trained on the captions, or a user's .model),
+CLIP's byte-level BPE (from a user-supplied `bpe_simple_vocab_16e6.txt.gz`, as open_clip), and
+Hugging Face `tokenizer.json` files (the `tokenizers` package: Llama 3, GPT-2, Mistral, ...).
 
 `tokenizer(texts, context_length)` gives [sot] + ids + [eot] padded to the context length; text that
 is too long is cut so the end-of-text token is still the last one (open_clip's behaviour), because
@@ -19,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_KINDS = ("sentencepiece", "clip_bpe")
+TOKENIZER_KINDS = ("sentencepiece", "clip_bpe", "huggingface")
 
 
 class Tokenizer(abc.ABC):
@@ -65,9 +66,14 @@ def _until_eot(ids, sot_id: int, eot_id: int) -> list[int]:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """SentencePiece with pad=0, unk=1, sot=2 (bos), eot=3 (eos)."""
+    """SentencePiece with pad=0, unk=1, sot=2 (bos), eot=3 (eos) when trained here.
 
-    def __init__(self, model_path: str):
+    `lowercase`: lower-case text before encoding (CLIP's captions; a language model's own .model
+    keeps case: lowercase=False). `require_pad`: a model without a pad piece (Llama 2's) is
+    accepted when False, padding with the eos id.
+    """
+
+    def __init__(self, model_path: str, lowercase: bool = True, require_pad: bool = True):
         import sentencepiece as spm
 
         if not os.path.isfile(model_path):
@@ -78,19 +84,22 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp.Load(model_path)
         except Exception as exc:  # sentencepiece raises OSError/RuntimeError for corrupt files
             raise ValueError(f"cannot load SentencePiece model {model_path}: {exc}") from exc
+        self.lowercase = lowercase
         self.vocab_size = self.sp.GetPieceSize()
         self.pad_id, self.sot_id, self.eot_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+        if self.pad_id < 0 and not require_pad:
+            self.pad_id = self.eot_id
         if min(self.pad_id, self.sot_id, self.eot_id) < 0:
             raise ValueError(f"{model_path}: the model needs pad, bos and eos pieces (train with pad_id/bos_id/eos_id)")
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.EncodeAsIds(text.lower())
+        return self.sp.EncodeAsIds(text.lower() if self.lowercase else text)
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds([i for i in _until_eot(ids, self.sot_id, self.eot_id) if i != self.pad_id])
 
     @classmethod
-    def train(cls, texts: list[str], model_prefix: str, vocab_size: int = 1000) -> "SentencePieceTokenizer":
+    def train(cls, texts: list[str], model_prefix: str, vocab_size: int = 1000) -> SentencePieceTokenizer:
         """Train a BPE model on `texts` (single-threaded, so the same texts give the same model).
 
         `vocab_size` is an upper bound: a small corpus gets fewer pieces (hard_vocab_limit off), and
@@ -232,18 +241,98 @@ class ClipBPETokenizer(Tokenizer):
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
+# Special-token names tried, in order, when neither the caller nor tokenizer_config.json names one.
+EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
+PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "[PAD]")
+
+
+def _special_from_config(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (fast tokenizer, the `tokenizers` package).
+
+    Text is encoded without the tokenizer's own special tokens (the data pipeline places the
+    end-of-document token itself). Special tokens come from the arguments, else from a
+    `tokenizer_config.json` beside the file (bos_token, eos_token, pad_token), else from common
+    names (Llama 3's <|begin_of_text|> / <|end_of_text|>, GPT-2's <|endoftext|>, </s>, ...). An
+    end-of-text token is required; without a pad token, padding uses it.
+    """
+
+    def __init__(self, path: str, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"Hugging Face tokenizer file not found: {file}")
+        try:
+            self.tokenizer = FastTokenizer.from_file(file)
+        except Exception as exc:
+            raise ValueError(f"cannot load Hugging Face tokenizer {file}: {exc}") from exc
+        self.path = file
+        config_path = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            import json
+
+            with open(config_path) as fh:
+                config = json.load(fh)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eot_id = self._special(eos_token or _special_from_config(config, "eos_token"), EOS_CANDIDATES, "eos")
+        if self.eot_id is None:
+            raise ValueError(f"{file}: no end-of-text token found (tried {', '.join(EOS_CANDIDATES)}); name it "
+                             "with data.tokenizer.eos_token")
+        bos = self._special(bos_token or _special_from_config(config, "bos_token"), BOS_CANDIDATES, "bos")
+        pad = self._special(pad_token or _special_from_config(config, "pad_token"), PAD_CANDIDATES, "pad")
+        self.sot_id = self.eot_id if bos is None else bos
+        self.pad_id = self.eot_id if pad is None else pad
+
+    def _special(self, name: str | None, candidates, what: str) -> int | None:
+        if name is not None:
+            token_id = self.tokenizer.token_to_id(name)
+            if token_id is None:
+                raise ValueError(f"{self.path}: {what} token {name!r} is not in the vocabulary")
+            return token_id
+        return next((self.tokenizer.token_to_id(c) for c in candidates if self.tokenizer.token_to_id(c) is not None),
+                    None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        kept = [i for i in _until_eot(ids, self.sot_id, self.eot_id) if i != self.pad_id]
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+
 def build_tokenizer(kind: str, path: str | None = None, train_texts: list[str] | None = None,
-                    vocab_size: int = 1000, cache_dir: str | None = None) -> Tokenizer:
+                    vocab_size: int = 1000, cache_dir: str | None = None, lowercase: bool = True,
+                    require_pad: bool = True, **special_tokens) -> Tokenizer:
     """A tokenizer by kind. SentencePiece without `path` is trained on `train_texts` into
-    `cache_dir` once and reused from there."""
+    `cache_dir` once and reused from there. SentencePiece: `lowercase` (CLIP lower-cases captions,
+    a language model keeps case) and `require_pad` (False accepts a .model without a pad piece,
+    as Llama 2's, padding with eos). `special_tokens` (huggingface): bos_token / eos_token /
+    pad_token names."""
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"data.tokenizer.type={kind!r}: use one of {', '.join(TOKENIZER_KINDS)}")
     if kind == "clip_bpe":
         if path is None:
             raise ValueError("data.tokenizer.type=clip_bpe needs data.tokenizer.path (bpe_simple_vocab_16e6.txt.gz)")
         return ClipBPETokenizer(path)
+    if kind == "huggingface":
+        if path is None:
+            raise ValueError("data.tokenizer.type=huggingface needs data.tokenizer.path (a tokenizer.json or its directory)")
+        return HFTokenizer(path, **special_tokens)
     if path is not None:
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, lowercase=lowercase, require_pad=require_pad)
     if cache_dir is None:
         raise ValueError("training a SentencePiece tokenizer needs a cache directory")
     prefix = os.path.join(cache_dir, f"spm_bpe_{vocab_size}")
