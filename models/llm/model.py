@@ -228,8 +228,8 @@ def llm_forward_step(model: LLMModel, batch: dict | None, inputs: dict | None):
     `batch` {"tokens", "labels", "loss_mask"} (each [b, s]) is read on the first stage (tokens) and
     on the last (labels, loss_mask): run the schedule with `reads_data=True` on both and give them
     loaders built with the same arguments (they yield the same batches). Returns (the loss on the
-    last stage | the message for the next stage, {"samples", "tokens"}); tokens counts the positions
-    whose loss is counted.
+    last stage | the message for the next stage, {"samples", "tokens"}); tokens counts every
+    position of the micro-batch (Megatron's tokens/s), masked or not.
     """
     device = next(model.parameters()).device
     info = {"samples": 0, "tokens": 0}
@@ -237,7 +237,7 @@ def llm_forward_step(model: LLMModel, batch: dict | None, inputs: dict | None):
     if batch is not None:
         rows, seq = batch["tokens"].shape
         mask = batch.get("loss_mask")
-        info = {"samples": rows, "tokens": int(mask.sum()) if mask is not None else rows * seq}
+        info = {"samples": rows, "tokens": rows * seq}
         if model.pre_process:
             tokens = batch["tokens"].to(device, non_blocking=True)
         if model.post_process:

@@ -41,7 +41,11 @@ def _run_variant(ctx, variant, tp, pp, sequence_parallel, full_state):
     from parallel.p2p import StageLink
     from parallel.pp_sharding import gather_pipeline_state, stage_state_from_full
     from parallel.sequence_parallel import allreduce_sequence_parallel_grads
-    from parallel.tp_sharding import gather_full_grads, gather_full_state_dict, shard_full_state_dict
+    from parallel.tp_sharding import (
+        gather_full_grads,
+        gather_full_state_dict,
+        shard_full_state_dict,
+    )
 
     torch.manual_seed(21)
     model = LLMModel(_config(variant), sequence_parallel=sequence_parallel)

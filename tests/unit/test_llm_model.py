@@ -114,3 +114,88 @@ def test_recompute_keys_reach_megatron(single_rank):
     model = LLMModel(_tiny(activations_checkpoint_granularity="full", activations_checkpoint_method="uniform",
                            activations_checkpoint_num_layers=1))
     assert model.config.recompute_granularity == "full" and model.config.recompute_method == "uniform"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_keys_and_logits_as_megatron_gpt_model(single_rank, monkeypatch, tied):
+    """megatron-core's GPTModel built from the same layer spec holds exactly our state-dict keys and,
+    given our weights, computes our logits (RoPE with Llama-3 scaling at megatron's fixed band,
+    the tied or separate output layer). Its RotaryEmbedding moves frequencies to
+    torch.cuda.current_device(); on CPU that one call is pointed at the CPU for this test."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from models.common.spec import transformer_layer_spec
+    from parallel.cpu_shims import _TorchOnCpu
+
+    monkeypatch.setattr(rotary_pos_embedding, "torch", _TorchOnCpu())
+    cfg = _tiny(share_embeddings_and_output_weights=tied,
+                rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 8192))  # megatron's fixed band
+    torch.manual_seed(0)
+    ours = LLMModel(cfg).eval()
+    spec = transformer_layer_spec("sdpa", causal=True, normalization="RMSNorm")
+    reference = GPTModel(ours.config, spec, vocab_size=ours.padded_vocab_size,
+                         max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
+                         rotary_base=int(cfg.rotary_base), rope_scaling=True, rope_scaling_factor=8.0,
+                         share_embeddings_and_output_weights=tied).eval()
+    assert reference.state_dict().keys() == ours.state_dict().keys()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(x, torch.arange(24)[None].expand(2, -1), None)[..., :300]
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(*batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(5)
+    return (torch.randint(0, 300, (2, 20), generator=gen), torch.randint(0, 300, (2, 20), generator=gen),
+            (torch.rand(2, 20, generator=gen) > 0.2).float())
+
+
+@pytest.mark.parametrize("recompute", [dict(activations_checkpoint_granularity="full",
+                                            activations_checkpoint_method="uniform",
+                                            activations_checkpoint_num_layers=1),
+                                       dict(activations_checkpoint_granularity="full",
+                                            activations_checkpoint_method="block",
+                                            activations_checkpoint_num_layers=2),
+                                       dict(activations_checkpoint_granularity="selective")])
+def test_recompute_gives_the_same_gradients(single_rank, recompute):
+    torch.manual_seed(0)
+    plain = LLMModel(_tiny(hidden_dropout=0.1, attention_dropout=0.1))
+    torch.manual_seed(0)
+    recomputed = LLMModel(_tiny(hidden_dropout=0.1, attention_dropout=0.1, **recompute))
+    recomputed.load_state_dict(plain.state_dict())
+    # Dropout on: recompute must replay the same masks (megatron's checkpoint saves the RNG state).
+    # Both runs start from the same default and model-parallel (attention dropout) RNG states.
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker_states = get_cuda_rng_tracker().get_states()
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(plain, _batch())
+    get_cuda_rng_tracker().set_states(tracker_states)
+    torch.manual_seed(1)
+    loss_r, grads_r = _loss_and_grads(recomputed, _batch())
+    torch.testing.assert_close(loss_r, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_parameters_track_fp32(single_rank):
+    """BF16 O2's model side: bf16 parameters and activations, the loss in fp32 (2e-2: 8 mantissa bits)."""
+    torch.manual_seed(0)
+    fp32 = LLMModel(_tiny())
+    bf16 = LLMModel(_tiny(), params_dtype=torch.bfloat16, bf16=True).to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in fp32.state_dict().items()})
+    loss, _ = _loss_and_grads(fp32, _batch())
+    loss_bf16, grads_bf16 = _loss_and_grads(bf16, _batch())
+    assert loss_bf16.dtype == torch.float32
+    torch.testing.assert_close(loss_bf16, loss, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(g).all() for g in grads_bf16.values())
+    assert all(p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
