@@ -11,7 +11,8 @@ from the same generator state; the pick is still broadcast from the first TP ran
 never drift apart. Pipeline parallelism is refused (a PP-sharded model must be gathered onto one
 stage first, e.g. loaded at pipeline_model_parallel_size=1), as is sequence parallelism (a
 single decoding position cannot be split over TP ranks; build the model without it, same
-weights). The KV cache needs the sdpa attention backend.
+weights), as are the flash and te attention backends (the KV cache and the padding mask live
+in the sdpa core attention).
 """
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ def _check_model(model) -> None:
     if not (model.pre_process and model.post_process):
         raise ValueError("generation runs the whole model on one pipeline stage; load the checkpoint at "
                          "pipeline_model_parallel_size=1 (any TP) to generate")
+    if model.attention_backend != "sdpa":
+        raise ValueError(f"generation runs on attention_backend=sdpa (the KV cache and the padding mask live "
+                         f"there); this model uses {model.attention_backend!r}: build it with sdpa (on GPU, SDPA "
+                         "picks the flash kernel itself)")
     if model.sequence_parallel.enabled:
         raise ValueError("generation needs sequence_parallel=false (one decoding position cannot be split "
                          "over TP ranks); build the model without it, the weights are the same")

@@ -231,3 +231,11 @@ def test_generation_refuses_what_it_cannot_do(single_rank, peaked):
         generate(ours, torch.tensor([[1, 2, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="beyond model.max_position_embeddings=256"):
         generate(ours, [[1, 2]], max_new_tokens=300)
+
+
+def test_generation_needs_the_sdpa_backend(single_rank, peaked, monkeypatch):
+    _, directory = peaked
+    _, _, ours = imported(directory)
+    monkeypatch.setattr(ours, "attention_backend", "flash")
+    with pytest.raises(ValueError, match="generation runs on attention_backend=sdpa"):
+        generate(ours, [[1, 2]], max_new_tokens=2)
