@@ -100,3 +100,18 @@ def _gather_full(model: torch.nn.Module, tp_group, tensors: dict) -> dict:
             tensor = unshard_tensors(parts, *layout[name])
         full[name] = tensor.detach().clone()
     return full
+
+
+def partition_boxes(local_shape: tuple, dim: int, stride: int, tp_rank: int, tp_size: int) -> list[tuple]:
+    """Where TP rank `tp_rank`'s local tensor sits inside the full one, as boxes for a checkpoint
+    writer: [(offsets in the full tensor, sizes, slice of the local tensor along `dim`)]. One box
+    for a plain partition; `stride` boxes for a strided one (gated fc1: its gate and its up slice)."""
+    piece = local_shape[dim] // stride
+    full = local_shape[dim] * tp_size
+    boxes = []
+    for k in range(stride):
+        start = k * (full // stride) + tp_rank * piece
+        offsets = tuple(start if d == dim else 0 for d in range(len(local_shape)))
+        sizes = tuple(piece if d == dim else size for d, size in enumerate(local_shape))
+        boxes.append((offsets, sizes, slice(k * piece, (k + 1) * piece)))
+    return boxes

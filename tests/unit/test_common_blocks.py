@@ -95,3 +95,16 @@ def test_strided_tp_shards_hold_their_slice_of_gate_and_up():
     torch.testing.assert_close(shards[1], torch.cat([gate[4:], up[4:]]))
     torch.testing.assert_close(unshard_tensors(shards, 0, 2), full)
     torch.testing.assert_close(unshard_tensors([shard_tensor(full, 0, 1, r, 4) for r in range(4)], 0, 1), full)
+
+
+def test_partition_boxes_place_strided_shards():
+    from parallel.tp_sharding import partition_boxes, shard_tensor
+
+    full = torch.randn(24, 3)
+    for stride in (1, 2):
+        rebuilt = torch.full_like(full, float("nan"))
+        for rank in range(3):
+            local = shard_tensor(full, 0, stride, rank, 3)
+            for offsets, sizes, part in partition_boxes(tuple(local.shape), 0, stride, rank, 3):
+                rebuilt[offsets[0]:offsets[0] + sizes[0]] = local[part]
+        torch.testing.assert_close(rebuilt, full)
