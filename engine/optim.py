@@ -1,4 +1,4 @@
-"""AdamW with CLIP's weight-decay exclusions, and a warmup + cosine learning-rate schedule."""
+"""AdamW with the model's own weight-decay policy, and a warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -12,21 +12,26 @@ from engine.loss_scaler import ConstantLossScaler
 from parallel.data_parallel import GradientAverager
 from parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
-# Parameters that should not be decayed (open_clip / CLIP practice): gains and biases of norms,
-# all biases, embeddings and learned positions, class tokens, and the temperature.
-_NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale", "norm", "ln_")
+def default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Without a model policy: biases and norm gains (every parameter of fewer than 2 dims) are not
+    decayed, matrices are (nanoGPT's and Megatron's default)."""
+    return param.ndim < 2
 
 
-def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim < 2 or any(part in name for part in _NO_DECAY_NAME_PARTS)
+def no_weight_decay_policy(model: torch.nn.Module):
+    """The model's own `no_weight_decay(name, param) -> bool` (the model owns its policy, as
+    nanoGPT's `configure_optimizers`), else `default_no_weight_decay`."""
+    hook = getattr(model, "no_weight_decay", None)
+    return hook if callable(hook) else default_no_weight_decay
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
+    exclude = no_weight_decay_policy(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
+        (no_decay if exclude(name, param) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
@@ -133,7 +138,7 @@ def build_optimizer(model: torch.nn.Module, cfg, *, dp_group=None, model_paralle
         if cfg.name == "adam":
             raise ValueError("optim.name=adam (L2 weight decay) has no master-weight variant; use adamw")
         return FlatAdamW(model, dp_group, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         no_decay=exclude_from_weight_decay, shard=cfg.name == "distributed_fused_adam",
+                         no_decay=no_weight_decay_policy(model), shard=cfg.name == "distributed_fused_adam",
                          loss_scaler=loss_scaler, max_grad_norm=max_grad_norm,
                          model_parallel_group=model_parallel_group, bucket_size=cfg.bucket_size,
                          overlap_grad_sync=cfg.overlap_grad_sync)

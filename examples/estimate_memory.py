@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import load_config  # noqa: E402
 from engine.memory_estimate import estimate, format_report  # noqa: E402
-from engine.schema import BARE_KEYS, ExperimentConfig  # noqa: E402
+from engine.schema import BARE_KEYS  # noqa: E402
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 
 

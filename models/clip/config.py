@@ -1,8 +1,12 @@
-"""CLIP model configuration, with NeMo's key names (model.vision.*, model.text.*)."""
+"""CLIP's configuration: the model (NeMo's key names, model.vision.*, model.text.*), its data and
+evaluation sections, and the experiment that adds them to the engine's generic sections."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from data.config import TokenizerConfig
+from engine.schema import ExperimentConfig, TrainerConfig
 
 
 @dataclass
@@ -82,3 +86,44 @@ class CLIPConfig:
     megatron_amp_O2: bool = False  # with bf16/fp16: low-precision params, fp32 master weights and grads
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The compositional shapes data set written when `data.train_shards` is empty."""
+
+    out_dir: str = "data_cache/shapes"
+    num_train: int = 20000
+    num_eval: int = 1000
+    image_size: int = 64
+    samples_per_shard: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class CLIPDataConfig:
+    train_shards: Optional[str] = None  # brace pattern, glob, directory; None = synthetic data
+    eval_shards: Optional[str] = None
+    classes_file: Optional[str] = None  # zero-shot class names and prompt templates (json)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    random_crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
+
+
+@dataclass
+class CLIPEvalConfig:
+    zero_shot: bool = True
+    retrieval: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class CLIPExperimentConfig(ExperimentConfig):
+    """One CLIP pre-training experiment (`configs/clip/*.yaml` mirror it 1:1)."""
+
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="runs/clip"))
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
+    eval: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)

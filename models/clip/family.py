@@ -1,4 +1,5 @@
-"""CLIP pre-training: data, tokenizer, model, loss and evaluation from one `ExperimentConfig`."""
+"""The CLIP family: data, tokenizer, model, loss and evaluation from one `CLIPExperimentConfig`,
+registered with the engine as `CLIP` (see `engine.family`)."""
 from __future__ import annotations
 
 import json
@@ -14,17 +15,17 @@ from data.pipeline import build_clip_dataloader, expand_shards
 from data.synthetic import generate_shapes_dataset, read_captions
 from data.tokenizers import Tokenizer, build_tokenizer
 from data.transforms import build_image_transform
-from engine.checkpoint import CheckpointManager
 from engine.evaluation import (
     class_embeddings,
     collect_features,
     retrieval_recall,
     zero_shot_accuracy,
 )
-from engine.optim import WarmupCosineSchedule, build_optimizer
-from engine.precision import PrecisionPlan, plan_precision
+from engine.family import ModelFamily, TrainingParts
+from engine.layout import check_divides
+from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
-from engine.trainer import Trainer
+from models.clip.config import CLIPExperimentConfig
 from models.clip.loss import ContrastiveLoss
 from models.clip.model import CLIPModel, count_parameters, normalize_features
 from models.common.attention import announce_attention_backend
@@ -174,63 +175,58 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData, link: StageLink | N
     return evaluate
 
 
-def build_trainer(cfg, ctx):
-    """Everything a CLIP run needs; returns (trainer, train data iterator)."""
+def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
+    """This rank's share of a CLIP run: the stage's model, its loss, the data it reads (the first
+    pipeline stage only: later stages get activations, and the loss needs no labels) and evaluation."""
     data = prepare_data(cfg, ctx)
-    rss_before_model = current_rss_bytes()
-    precision = plan_precision(cfg.trainer.precision, cfg.model.megatron_amp_O2, ctx.device)
     model = build_model(cfg, ctx, data.tokenizer, precision)
-    optimizer = build_optimizer(model, cfg.optim, dp_group=ctx.dp_group, model_parallel_group=ctx.model_parallel_group,
-                                max_grad_norm=cfg.trainer.gradient_clip_val,
-                                master_weights=precision.needs_master_weights,
-                                loss_scaler=precision.loss_scaler(cfg.trainer.loss_scaler))
-    if ctx.is_logging_rank:
-        log.info("precision %s%s, optimizer %s (%s), optimizer state %.1f MB on this rank", precision.name,
-                 " O2" if precision.o2 else "", cfg.optim.name, type(optimizer).__name__, optimizer.state_bytes() / 2**20)
-    sched = cfg.optim.sched
-    scheduler = WarmupCosineSchedule(optimizer, cfg.optim.lr, sched.warmup_steps, cfg.trainer.max_steps,
-                                     sched.min_lr, sched.name)
     loss_fn = ContrastiveLoss(cfg.model.local_loss, cfg.model.gather_with_grad, group=ctx.dp_group)
-    vision = cfg.model.vision
-    train_loader = build_clip_dataloader(
-        data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
-        tokenizer=data.tokenizer,
-        image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
-                                              std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
-        context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
-    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
-    trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
-                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data, link),
-                      precision=precision, link=link)
-    trainer.train_loader = train_loader
-    trainer.checkpoint = CheckpointManager(cfg, ctx)  # resume, interval/final saves, preemption
-    trainer.rss_before_model = rss_before_model
-    # Only the first pipeline stage reads training data; later stages get the activations.
-    return trainer, iter(train_loader) if model.pre_process else NoDataOnThisStage(ctx.pp_rank)
+    train_loader = None
+    if model.pre_process:
+        vision = cfg.model.vision
+        train_loader = build_clip_dataloader(
+            data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
+            tokenizer=data.tokenizer,
+            image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
+                                                  std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
+            context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
+    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
+    return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device),
+                         train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link))
 
 
-class NoDataOnThisStage:
-    """The data iterator of a pipeline stage that does not read data: using it is a schedule bug."""
-
-    def __init__(self, stage: int):
-        self.stage = stage
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        raise RuntimeError(f"pipeline stage {self.stage} reads no data; only the first stage does")
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
+def check_layout(cfg, tp: int, pp: int) -> list[str]:
+    """Heads and FFN width of both towers by TP; each tower's layers by PP (every stage holds the
+    same share of both towers, see models/clip/model.py)."""
+    problems = []
+    for name in ("vision", "text"):
+        tower = getattr(cfg.model, name)
+        key = f"model.{name}"
+        check_divides(problems, f"{key}.num_attention_heads", tower.num_attention_heads,
+                      "tensor_model_parallel_size", tp)
+        check_divides(problems, f"{key}.ffn_hidden_size", tower.ffn_hidden_size, "tensor_model_parallel_size", tp)
+        check_divides(problems, f"{key}.num_layers", tower.num_layers, "pipeline_model_parallel_size", pp)
+    return problems
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
+def reference_model(model_cfg) -> CLIPModel:
+    return CLIPModel(model_cfg, use_cpu_initialization=True)
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def vocab_rows(model_cfg, tp: int) -> int:
+    """Rows of the text tower's vocab-parallel embedding at tensor-parallel size `tp`."""
+    multiple = model_cfg.text.make_vocab_size_divisible_by * tp
+    return -(-model_cfg.text.vocab_size // multiple) * multiple
+
+
+CLIP = ModelFamily(
+    name="clip",
+    config_cls=CLIPExperimentConfig,
+    build=build,
+    check_layout=check_layout,
+    reference_model=reference_model,
+    vocab_rows=vocab_rows,
+    entry_point="examples/pretrain_clip.py",
+    description="CLIP: ViT image tower + causal text tower, contrastive loss (NeMo's size table B/32..e/14)",
+)
