@@ -94,14 +94,14 @@ def parse_overrides(args: Sequence[str], bare_keys: dict[str, str],
         key = key.strip().lstrip("+")
         key = bare_keys.get(key, key)
         key = _resolve_alias(key, aliases)
-        if key in given:
-            raise ConfigError(f"'{key}' is given twice on the command line: '{given[key]}' and '{arg}' (an "
-                              "unquoted brace pattern the shell expanded? quote it); give it once")
-        given[key] = arg
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{arg}': cannot parse value: {exc}") from exc
+        if key in given and out[key] != value:
+            raise ConfigError(f"'{key}' is given twice on the command line: '{given[key]}' and '{arg}' (an "
+                              "unquoted brace pattern the shell expanded? quote it); give it once")
+        given[key] = arg
         out[key] = value
     return out
 
@@ -169,9 +169,16 @@ def load_config(schema_cls, config_file: str | None = None, overrides: Sequence[
         layers.append(OmegaConf.from_dotlist([f"{k}={_dotlist_value(v)}" for k, v in cli.items()]))
     try:
         merged = OmegaConf.merge(base, *layers)
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config value: {exc}") from exc
+    from engine.config_checks import check_config
+
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError("invalid config values:\n  " + "\n  ".join(problems) if len(problems) > 1
+                          else f"invalid config value: {problems[0]}")
+    return cfg
 
 
 def _dotlist_value(value: Any) -> str:

@@ -9,8 +9,10 @@ from torch.optim.optimizer import _get_scalar_dtype
 from engine.distributed_optimizer import FlatAdamW, StepResult
 from engine.grad_norm import clip_grad_norm
 from engine.loss_scaler import ConstantLossScaler
+from engine.schema import OPTIMIZERS  # one list of names, checked when the config loads
 from parallel.data_parallel import GradientAverager
 from parallel.sequence_parallel import allreduce_sequence_parallel_grads
+
 
 def default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Without a model policy: biases and norm gains (every parameter of fewer than 2 dims) are not
@@ -38,7 +40,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
 
 
 class ReplicatedAdamW:

@@ -7,9 +7,14 @@ command-line `key=value`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
+from engine.config_checks import at_least, greater_than, one_of, pair_in, probability
 from engine.loss_scaler import LossScalerConfig
+from engine.precision import ALIASES as PRECISIONS
+
+OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -78,12 +83,51 @@ class CheckpointConfig:
 @dataclass
 class ExperimentConfig:
     """What every family shares. A family's subclass adds `model` (which must have a boolean
-    `megatron_amp_O2`, NeMo's switch read by the precision plan), `data` and `eval`."""
+    `megatron_amp_O2`, NeMo's switch read by the precision plan), `data` and `eval`, and extends
+    `RULES` (see engine.config_checks) for them."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    RULES: ClassVar[list] = [
+        ("parallel.tensor_model_parallel_size", at_least(1, integer=True)),
+        ("parallel.pipeline_model_parallel_size", at_least(1, integer=True)),
+        ("parallel.device", one_of("auto", "cpu", "cuda")),
+        ("parallel.distributed_timeout_minutes", greater_than(0)),
+        ("trainer.max_steps", at_least(0, integer=True)),
+        ("trainer.micro_batch_size", at_least(1, integer=True)),
+        ("trainer.global_batch_size", at_least(1, integer=True)),
+        ("trainer.precision", one_of(*PRECISIONS)),
+        ("trainer.gradient_clip_val", at_least(0)),
+        ("trainer.log_every_n_steps", at_least(1, integer=True)),
+        ("trainer.val_check_interval", at_least(0, integer=True)),
+        ("trainer.loss_scaler.initial_scale", greater_than(0)),
+        ("trainer.loss_scaler.min_scale", greater_than(0)),
+        ("trainer.loss_scaler.growth_factor", greater_than(1)),
+        ("trainer.loss_scaler.backoff_factor", probability()),
+        ("trainer.loss_scaler.growth_interval", at_least(1, integer=True)),
+        ("trainer.loss_scaler.hysteresis", at_least(1, integer=True)),
+        ("optim.name", one_of(*OPTIMIZERS)),
+        ("optim.lr", greater_than(0)),
+        ("optim.weight_decay", at_least(0)),
+        ("optim.betas", pair_in(0.0, 1.0)),
+        ("optim.eps", greater_than(0)),
+        ("optim.bucket_size", at_least(1, integer=True)),
+        ("optim.sched.name", one_of(*LR_SCHEDULES)),
+        ("optim.sched.warmup_steps", at_least(0, integer=True)),
+        ("optim.sched.min_lr", at_least(0)),
+        ("checkpoint.save_interval", at_least(0, integer=True)),
+        ("checkpoint.keep_last", at_least(0, integer=True)),
+        # Family sections: sizes and counts are positive, dropouts are probabilities.
+        ("model.*num_layers", at_least(1, integer=True)),
+        ("model.*hidden_size", at_least(1, integer=True)),
+        ("model.*num_attention_heads", at_least(1, integer=True)),
+        ("model.*dropout", probability()),
+        ("*.num_workers", at_least(0, integer=True)),
+        ("*batch_size", at_least(1, integer=True)),
+    ]
 
 
 # Keys accepted bare at top level, as in `torchrun ... pretrain_clip.py tensor_model_parallel_size=4`.

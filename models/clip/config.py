@@ -3,9 +3,10 @@ evaluation sections, and the experiment that adds them to the engine's generic s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from data.config import TokenizerConfig
+from engine.config_checks import at_least, greater_than, one_of, pair_in
 from engine.schema import ExperimentConfig, TrainerConfig
 
 
@@ -127,3 +128,28 @@ class CLIPExperimentConfig(ExperimentConfig):
     model: CLIPConfig = field(default_factory=CLIPConfig)
     data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
     eval: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
+
+    RULES: ClassVar[list] = [
+        ("model.attention_backend", one_of("sdpa", "flash", "te")),
+        ("model.*.activation", one_of("gelu", "quick_gelu", "silu")),
+        ("model.*.activations_checkpoint_granularity", one_of("full", "selective")),
+        ("model.*.activations_checkpoint_method", one_of("uniform", "block")),
+        ("model.*.activations_checkpoint_num_layers", at_least(1, integer=True)),
+        ("model.*output_dim", at_least(1, integer=True)),
+        ("model.max_logit_scale", greater_than(0)),
+        ("model.vision.class_token_length", at_least(0, integer=True)),
+        ("model.vision.patch_dim", at_least(1, integer=True)),
+        ("model.vision.img_*", at_least(1, integer=True)),
+        ("model.vision.num_channels", at_least(1, integer=True)),
+        ("model.text.vocab_size", at_least(1, integer=True)),
+        ("model.text.encoder_seq_length", at_least(2, integer=True)),
+        ("model.text.make_vocab_size_divisible_by", at_least(1, integer=True)),
+        ("data.tokenizer.type", one_of("sentencepiece", "clip_bpe")),
+        ("data.tokenizer.vocab_size", at_least(8, integer=True)),
+        ("data.shuffle_buffer", at_least(0, integer=True)),
+        ("data.random_crop_scale", pair_in(0.0, 1.0, ascending=True, open_low=True)),
+        ("data.synthetic.num_train", at_least(1, integer=True)),
+        ("data.synthetic.num_eval", at_least(0, integer=True)),
+        ("data.synthetic.image_size", at_least(8, integer=True)),
+        ("data.synthetic.samples_per_shard", at_least(1, integer=True)),
+    ]

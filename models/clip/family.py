@@ -220,6 +220,30 @@ def vocab_rows(model_cfg, tp: int) -> int:
     return -(-model_cfg.text.vocab_size // multiple) * multiple
 
 
+# The "To Enable" column of NeMo's CLIP feature table (and NeMo's model.* placement of parallel,
+# batch and optimizer keys): a NeMo user's keys work here, each use logged once.
+NEMO_ALIASES = {
+    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "model.sequence_parallel": "parallel.sequence_parallel",
+    "model.micro_batch_size": "trainer.micro_batch_size",
+    "model.global_batch_size": "trainer.global_batch_size",
+    "model.optim.name": "optim.name",
+    "model.optim.lr": "optim.lr",
+    "model.optim.weight_decay": "optim.weight_decay",
+    "model.optim.betas": "optim.betas",
+    "model.optim.eps": "optim.eps",
+    "model.optim.sched.warmup_steps": "optim.sched.warmup_steps",
+    "model.optim.sched.min_lr": "optim.sched.min_lr",
+    "model.vision.use_flash_attention": "model.use_flash_attention",
+    "model.text.use_flash_attention": "model.use_flash_attention",
+    # The table says "same for model.llm" (NeMo's multimodal docs call the text tower that).
+    "model.llm.use_flash_attention": "model.use_flash_attention",
+    "model.llm.activations_checkpoint_granularity": "model.text.activations_checkpoint_granularity",
+    "model.llm.activations_checkpoint_method": "model.text.activations_checkpoint_method",
+    "model.llm.activations_checkpoint_num_layers": "model.text.activations_checkpoint_num_layers",
+}
+
 CLIP = ModelFamily(
     name="clip",
     config_cls=CLIPExperimentConfig,
@@ -228,5 +252,6 @@ CLIP = ModelFamily(
     reference_model=reference_model,
     vocab_rows=vocab_rows,
     entry_point="examples/pretrain_clip.py",
+    config_aliases=NEMO_ALIASES,
     description="CLIP: ViT image tower + causal text tower, contrastive loss (NeMo's size table B/32..e/14)",
 )

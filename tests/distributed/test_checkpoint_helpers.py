@@ -90,7 +90,7 @@ def reshard_overrides(shapes_dir: str, tp: int, pp: int, world: int, optimizer: 
     dp = world // (tp * pp)
     keep = [o for o in recipe_overrides("unused", shapes_dir, tp, optimizer) if not o.startswith(
         ("trainer.micro_batch_size", "trainer.global_batch_size", "model.vision.hidden_dropout",
-         "model.text.attention_dropout", "trainer.output_dir"))]
+         "model.text.attention_dropout", "trainer.output_dir", "model.vision.num_layers", "model.text.num_layers"))]
     return keep + [f"pipeline_model_parallel_size={pp}", f"trainer.micro_batch_size={GLOBAL_BATCH // dp}",
                    f"trainer.global_batch_size={GLOBAL_BATCH}", "model.vision.num_layers=4", "model.text.num_layers=4"]
 
