@@ -106,11 +106,12 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         if failed:
             self.stats.shards_skipped += 1
             log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, failed[0],
-                        self.stats.shards_skipped)
+                        self.stats.shards_skipped, extra={"per_replica": True})
 
     def _skip(self, raw: dict, reason: str) -> None:
         self.stats.samples_skipped += 1
-        log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason)
+        log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason,
+                    extra={"per_replica": True})
 
     def _raw_samples(self, worker: int, num_workers: int, pos: "StreamPosition"):
         """Raw samples with an image and a caption, epoch after epoch (once unless infinite), from

@@ -81,7 +81,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self.sp.GetPieceSize()
         self.pad_id, self.sot_id, self.eot_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
         if min(self.pad_id, self.sot_id, self.eot_id) < 0:
-            raise ValueError(f"{model_path}: the model needs pad, bos and eos pieces (train with pad_id/bos_id/eos_id)")
+            from data.train_tokenizer import REQUIREMENTS
+
+            raise ValueError(f"{model_path}: pad_id={self.pad_id}, bos_id={self.sot_id}, eos_id={self.eot_id} "
+                             f"(-1: missing); {REQUIREMENTS}")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text.lower())

@@ -22,6 +22,31 @@ from parallel.dims import ParallelLayoutError
 log = logging.getLogger("engine")
 
 
+class RankFilter(logging.Filter):
+    """Logs of the logging rank only, so a warning every rank would print appears once. Other ranks
+    keep their errors, and records marked `extra={"per_replica": True}` (this replica's own data:
+    a corrupt shard only it reads) on the first rank of each data-parallel replica."""
+
+    def __init__(self, rank: int, replica_leader: bool = False):
+        super().__init__()
+        self.rank, self.replica_leader = rank, replica_leader
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank == 0 or record.levelno >= logging.ERROR:
+            return True
+        return self.replica_leader and getattr(record, "per_replica", False)
+
+
+def install_rank_filter(rank: int, replica_leader: bool = False) -> None:
+    """Filter every root handler (and Python warnings, routed through logging) by rank."""
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        for old in [f for f in handler.filters if isinstance(f, RankFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(RankFilter(rank, replica_leader))
+
+
 def _family(family: str | ModelFamily) -> ModelFamily:
     return family if isinstance(family, ModelFamily) else get_family(family)
 
@@ -86,13 +111,14 @@ def run(family: str | ModelFamily, argv: list[str]) -> dict:
     from parallel.launch import read_launch_env
 
     family = _family(family)
+    launch_env = read_launch_env()
+    install_rank_filter(launch_env.rank)
     cfg = load_experiment(family, argv)
-    check_before_launch(cfg, family, read_launch_env().world_size, argv)  # before any collective can hang
+    check_before_launch(cfg, family, launch_env.world_size, argv)  # before any collective can hang
     par = cfg.parallel
     ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
                               seed=cfg.trainer.seed, timeout_minutes=par.distributed_timeout_minutes)
-    if not ctx.is_logging_rank:
-        logging.getLogger().setLevel(logging.WARNING)
+    install_rank_filter(ctx.rank, replica_leader=ctx.tp_rank == 0 and ctx.pp_rank == 0)
     try:
         if ctx.is_logging_rank:
             os.makedirs(cfg.trainer.output_dir, exist_ok=True)

@@ -193,7 +193,74 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
             seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
     return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device),
-                         train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link))
+                         train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link),
+                         summary=partial(data_totals, ctx, train_loader))
+
+
+def data_totals(ctx, train_loader) -> dict:
+    """Samples read and skipped, and shard reads skipped, summed over data-parallel replicas
+    (collective; the TP ranks of a replica read the same shards, so one of them counts)."""
+    stats = train_loader.stats if train_loader is not None and ctx.tp_rank == 0 else None
+    counts = torch.tensor([stats.samples_seen, stats.samples_skipped, stats.shards_skipped] if stats else [0, 0, 0],
+                          dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(counts)
+    seen, skipped, shards = (int(v) for v in counts.tolist())
+    return {"data_samples_read": seen, "data_samples_skipped": skipped, "data_shard_reads_skipped": shards}
+
+
+def preflight(cfg) -> list[str]:
+    """What can be checked before any process group exists: the shards, class list and tokenizer a
+    run with user data needs (with the command that makes a tokenizer when there is none), and a
+    warning when zero-shot evaluation would find no labels."""
+    from data.train_tokenizer import REQUIREMENTS
+
+    data, problems = cfg.data, []
+    if data.train_shards is None:
+        return problems  # the synthetic set brings its own shards, classes and tokenizer
+    for key in ("train_shards", "eval_shards"):
+        spec = getattr(data, key)
+        if spec is not None:
+            try:
+                expand_shards(spec)
+            except FileNotFoundError as exc:
+                problems.append(f"data.{key}: {exc}")
+    if data.classes_file is not None and not os.path.isfile(data.classes_file):
+        problems.append(f"data.classes_file={data.classes_file}: no such file")
+    tok = data.tokenizer
+    if tok.path is None:
+        if tok.type == "sentencepiece":
+            problems.append("data.tokenizer.path is required with user shards (a tokenizer is trained only for the "
+                            f"synthetic data): {REQUIREMENTS}, or use data.tokenizer.type=clip_bpe with OpenAI's "
+                            "bpe_simple_vocab_16e6.txt.gz")
+        else:
+            problems.append("data.tokenizer.type=clip_bpe needs data.tokenizer.path (bpe_simple_vocab_16e6.txt.gz)")
+    elif not os.path.isfile(tok.path):
+        problems.append(f"data.tokenizer.path={tok.path}: no such file")
+    else:
+        try:
+            build_tokenizer(tok.type, tok.path)
+        except ValueError as exc:
+            problems.append(f"data.tokenizer.path: {exc}")
+    if not problems and cfg.eval.zero_shot and data.classes_file and data.eval_shards:
+        _warn_without_class_index(data.eval_shards, data.classes_file)
+    return problems
+
+
+def _warn_without_class_index(eval_spec, classes_file: str) -> None:
+    """Zero-shot accuracy needs a `class_index` in the eval samples' json; say so up front."""
+    import tarfile
+
+    first = expand_shards(eval_spec)[0]
+    try:
+        with tarfile.open(first) as tar:
+            member = next((m for m in tar if m.isfile() and m.name.endswith(".json")), None)
+            sample = json.load(tar.extractfile(member)) if member is not None else None
+    except (OSError, tarfile.TarError, ValueError):
+        return  # the pipeline names unreadable shards when it gets there
+    if sample is None or "class_index" not in sample:
+        log.warning("zero-shot evaluation is off: data.classes_file=%s is set, but the eval shards' json (first "
+                    "sample of %s) has no 'class_index' field; add it to each sample's json to get zero-shot "
+                    "accuracy (retrieval still runs)", classes_file, first)
 
 
 def check_layout(cfg, tp: int, pp: int) -> list[str]:
@@ -253,5 +320,6 @@ CLIP = ModelFamily(
     vocab_rows=vocab_rows,
     entry_point="examples/pretrain_clip.py",
     config_aliases=NEMO_ALIASES,
+    preflight=preflight,
     description="CLIP: ViT image tower + causal text tower, contrastive loss (NeMo's size table B/32..e/14)",
 )
