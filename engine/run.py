@@ -155,8 +155,7 @@ def launch(family_name: str, doc: str | None = None, argv: list[str] | None = No
     """The `__main__` of examples/pretrain_<family>.py: logging, `--help`, and `error:` with exit
     status 2 for a config or layout that cannot run (before any process group exists)."""
     argv = sys.argv[1:] if argv is None else argv
-    # megatron-core warns at import about missing TE/Apex; the engine says once which backend runs.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    quiet_optional_extra_warnings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)  # import-time chatter
@@ -170,6 +169,12 @@ def launch(family_name: str, doc: str | None = None, argv: list[str] | None = No
     except (ConfigError, ParallelLayoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def quiet_optional_extra_warnings() -> None:
+    """megatron-core warns at import, once per module, that Transformer Engine / Apex are missing;
+    the engine says once which attention backend runs instead."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
 
 
 def current_rss_bytes() -> int:
