@@ -196,3 +196,22 @@ def cuda_peak_bytes(step: Callable[[int], None]) -> Callable[[int], int]:
         return torch.cuda.max_memory_allocated()
 
     return measure
+
+
+# ---- 8-bit Adam (optional GPU extra) ------------------------------------------------------------
+
+def adamw_8bit(param_groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    """bitsandbytes' AdamW8bit (the seed's memory saver): CUDA parameters only, never required.
+
+    Raises a clear error where bitsandbytes is missing or the parameters are not on a GPU, so the
+    caller can fall back to the engine's AdamW.
+    """
+    groups = list(param_groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ImportError("8-bit AdamW needs bitsandbytes, an optional GPU extra: pip install bitsandbytes") from exc
+    if any(p.device.type != "cuda" for p in params):
+        raise RuntimeError("8-bit AdamW (bitsandbytes) needs the parameters on a CUDA device; use AdamW on CPU")
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

@@ -70,3 +70,18 @@ def test_finder_with_measured_cpu_memory():
     probe = memory_budget_probe(measure, budget, fixed_bytes=params * 2)
     assert find_micro_batch_size(probe, limit=1024) == 50
 
+
+
+def test_adamw_8bit_is_optional(monkeypatch):
+    import sys
+    import types
+
+    from models.common.finetune_utils import adamw_8bit
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        adamw_8bit(params, lr=1e-4)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        adamw_8bit(params, lr=1e-4)
