@@ -85,3 +85,15 @@ def test_adamw_8bit_is_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
     with pytest.raises(RuntimeError, match="CUDA device"):
         adamw_8bit(params, lr=1e-4)
+
+
+def test_one_cycle_matches_torch():
+    from models.common.finetune_utils import one_cycle_lr
+
+    total, max_lr = 50, 1e-3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=0.1)
+    for step in range(total):
+        assert one_cycle_lr(step, max_lr, total, pct_start=0.1) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
