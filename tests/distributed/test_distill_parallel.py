@@ -26,12 +26,15 @@ def _loss(mode, local, group):
 
 
 def _run(cases):
-    import torch.distributed as dist
-
     from parallel.context import initialize_parallel
 
     ctx = initialize_parallel(1, 1, device="cpu", seed=0)
-    group, dp, rank = ctx.dp_group, ctx.dims.dp, ctx.dp_rank
+    return _compute(cases, ctx.dp_group, ctx.dims.dp, ctx.dp_rank)
+
+
+def _compute(cases, group=None, dp=1, rank=0):
+    """Each case's loss and DP-averaged gradients; group=None is the one-process run."""
+    import torch.distributed as dist
     x_image, x_text = dataset(DATA_SIZE)
     index = torch.tensor([3, 0, 7, 9, 1, 4, 8, 2])
     local = index[rank * GLOBAL_BATCH // dp:(rank + 1) * GLOBAL_BATCH // dp]
@@ -57,7 +60,7 @@ def _run(cases):
 
 @pytest.fixture(scope="module")
 def runs():
-    return run_ranks(1, _run, CASES)[0], run_ranks(2, _run, CASES)
+    return _compute(CASES), run_ranks(2, _run, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{f}" for m, f in CASES])

@@ -57,29 +57,25 @@ def _run(tp: int, sequence_parallel: bool, full_state, teacher_state):
             "report": (report.copied, report.shape_mismatch) if report else None}
 
 
-def _teacher_state():
-    """A TP=1 CLIP with 16-pixel patches (the students have 8), built on one rank."""
-    return run_ranks(1, _build_teacher)[0]
-
-
-def _build_teacher():
+def _reference():
+    """The TP=1 run, and a TP=1 teacher with 16-pixel patches (the students have 8)."""
     from models.clip.model import CLIPModel
-    from parallel.context import initialize_parallel
 
-    initialize_parallel(1, 1, device="cpu", seed=3)
+    out = _run(1, False, None, None)
     cfg = tiny_clip_config()
     cfg.vision.patch_dim = 16
-    return {k: v for k, v in CLIPModel(cfg).state_dict().items() if v is not None}
+    out["teacher"] = {k: v for k, v in CLIPModel(cfg).state_dict().items() if v is not None}
+    return out
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(1, _run, 1, False, None, None)[0]
+    return run_ranks(1, _reference)[0]
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_lora_tp2_matches_tp1(reference, sequence_parallel):
-    teacher = _teacher_state() if not sequence_parallel else None
+    teacher = reference["teacher"] if not sequence_parallel else None
     results = run_ranks(2, _run, 2, sequence_parallel, reference["state"], teacher)
     lora_b = "visual.transformer.layers.0.self_attention.linear_qkv.lora.value.lora_B"
     assert reference["grads"][lora_b].abs().sum() > 0
