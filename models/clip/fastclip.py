@@ -251,7 +251,6 @@ class FastCLIPLoss(torch.nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, sample_index, epoch: int,
                 output_dict: bool = False):
-        cfg, state = self.cfg, self.sample_state
         world, rank = self._world()
         local_b = image_features.shape[0]
         n = world * local_b
@@ -259,81 +258,80 @@ class FastCLIPLoss(torch.nn.Module):
             raise ValueError("FastCLIP needs a global batch of at least 2 samples")
         if sample_index.numel() != local_b:
             raise ValueError(f"sample_index has {sample_index.numel()} entries for a micro-batch of {local_b}")
-        gamma = gamma_at(epoch, cfg)
-        device = image_features.device
         if not self.individual:
             if logit_scale is None:
                 raise ValueError(f"FastCLIP {self.spec.name} needs the global logit_scale")
-            logit_scale = torch.as_tensor(logit_scale, dtype=image_features.dtype, device=device)
-        global_index = state.all_gather_index(sample_index)
-        old = {k: v.to(device) for k, v in state.gather(global_index).items()}
-
+            logit_scale = torch.as_tensor(logit_scale, dtype=image_features.dtype, device=image_features.device)
+        gamma = gamma_at(epoch, self.cfg)
+        global_index = self.sample_state.all_gather_index(sample_index)
+        old = {k: v.to(image_features.device) for k, v in self.sample_state.gather(global_index).items()}
         both = _gather_rows(torch.cat([image_features, text_features], dim=1), self.group, world)
         all_image, all_text = both.split(image_features.shape[1], dim=1)
-        positives = torch.arange(local_b, device=device) + rank * local_b
-        mask1 = torch.nn.functional.one_hot(positives, n).bool()  # [B, N]: the positive pairs
+        positives = torch.nn.functional.one_hot(torch.arange(local_b, device=both.device) + rank * local_b, n).bool()
 
-        # Term 1: this rank's anchors against the global batch.
-        sim_image = image_features @ all_text.T  # [B, N]
-        sim_text = text_features @ all_image.T
+        # Term 1: this rank's anchors against the global batch; it also yields the new state.
+        sims = {"image": image_features @ all_text.T, "text": text_features @ all_image.T}  # [B, N]
         diag = (image_features * text_features).sum(-1, keepdim=True)
-        if self.individual:
-            scale_image, scale_text = 1.0 / old["tau_image"][:, None], 1.0 / old["tau_text"][:, None]
-        else:
-            scale_image = scale_text = logit_scale
-        diff_image = ((sim_image - diag) * scale_image).masked_fill(mask1, -math.inf)
-        diff_text = ((sim_text - diag) * scale_text).masked_fill(mask1, -math.inf)
-        log_n1 = math.log(n - 1)
-        new, den = {}, {}
-        for side, diff in (("image", diff_image), ("text", diff_text)):
-            log_g = torch.logsumexp(diff.detach(), dim=1) - log_n1
-            new[f"log_u_{side}"] = moving_log_average(old[f"log_u_{side}"], log_g, gamma)
-            den[side] = self._log_denominator(new[f"log_u_{side}"])
-        ratio1 = sum(torch.exp(diff - den[side][:, None]).sum(1) for side, diff in
-                     (("image", diff_image), ("text", diff_text))) / (n - 1)
-        mean1 = ratio1.mean()
-
-        if self.individual:
-            for side, diff in (("image", diff_image), ("text", diff_text)):
-                new.update(self._tau_step(side, diff.detach(), mask1, den[side], old, epoch, n))
-
-        # Everything the second term and the owners need, in one gather.
-        names = list(new)
-        term2_tau = []
-        if self.individual and not cfg.reference_parity:
-            term2_tau = ["tau_image", "tau_text"]  # this step's tau_i, before its update
-        rows = torch.stack([new[k] for k in names] + [old[k] for k in term2_tau])
-        gathered = _gather_rows(rows.T, self.group, world).T  # [k, N]
-        everyone = dict(zip(names, gathered[: len(names)]))
-        state.update(global_index, everyone)
-        for i, name in enumerate(term2_tau):
-            everyone[f"term2_{name}"] = gathered[len(names) + i]
-
-        # Term 2: every anchor of the global batch against this rank's samples.
-        mask2 = mask1.T  # [N, B]
+        mean1, new = self._anchor_term(sims, diag, positives, old, logit_scale, gamma, epoch, n)
+        everyone = self._share(global_index, new, old, world)
+        # Term 2: every anchor of the batch against this rank's samples (sim of anchor i, sample j).
+        sims_t = {"image": sims["text"].T, "text": sims["image"].T}  # [N, B]
         diag_all = (all_image * all_text).sum(-1, keepdim=True)
-        if self.individual:
-            key = "term2_tau_{}" if not cfg.reference_parity else "tau_{}"
-            scale2_image = 1.0 / everyone[key.format("image")][:, None]
-            scale2_text = 1.0 / everyone[key.format("text")][:, None]
-        else:
-            scale2_image = scale2_text = logit_scale if cfg.reference_parity else logit_scale.detach()
-        ratio2 = 0
-        for side, sim, scale in (("image", sim_text.T, scale2_image), ("text", sim_image.T, scale2_text)):
-            diff2 = ((sim - diag_all) * scale).masked_fill(mask2, -math.inf)
-            den_all = self._log_denominator(everyone[f"log_u_{side}"])
-            ratio2 = ratio2 + torch.exp(diff2 - den_all[:, None]).sum(1)
-        mean2 = (ratio2 / (local_b * (n - 1) / n)).mean()
+        mean2 = self._other_term(sims_t, diag_all, positives.T, everyone, logit_scale, local_b, n)
 
         loss = (mean1 + mean2) / 2
         if self.spec.multiply_tau:
             mean_log_u = (new["log_u_image"] + new["log_u_text"]).mean() / 2
-            loss = loss / logit_scale.detach() + cfg.rho / logit_scale + mean_log_u / logit_scale
+            loss = loss / logit_scale.detach() + self.cfg.rho / logit_scale + mean_log_u / logit_scale
         self.last_metrics = {"gamma": gamma}
         if self.individual:
             self.last_metrics["tau_image_mean"] = new["tau_image"].mean().detach()
             self.last_metrics["tau_text_mean"] = new["tau_text"].mean().detach()
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _anchor_term(self, sims, diag, positives, old, logit_scale, gamma, epoch, n):
+        """mean over local anchors of g/(u+eps) (image + text), and the anchors' new state."""
+        new, ratio = {}, 0
+        for side in ("image", "text"):
+            scale = 1.0 / old[f"tau_{side}"][:, None] if self.individual else logit_scale
+            diff = ((sims[side] - diag) * scale).masked_fill(positives, -math.inf)
+            log_g = torch.logsumexp(diff.detach(), dim=1) - math.log(n - 1)
+            new[f"log_u_{side}"] = moving_log_average(old[f"log_u_{side}"], log_g, gamma)
+            den = self._log_denominator(new[f"log_u_{side}"])
+            ratio = ratio + torch.exp(diff - den[:, None]).sum(1) / (n - 1)
+            if self.individual:
+                new.update(self._tau_step(side, diff.detach(), positives, den, old, epoch, n))
+        return ratio.mean(), new
+
+    def _share(self, global_index, new, old, world) -> dict:
+        """All-gather the new state (and the temperatures the second term uses); owners store it."""
+        names = list(new)
+        extra = []
+        if self.individual and not self.cfg.reference_parity:
+            extra = ["tau_image", "tau_text"]  # this step's tau_i, before its update (the paper's)
+        rows = torch.stack([new[k] for k in names] + [old[k] for k in extra])
+        gathered = _gather_rows(rows.T, self.group, world).T  # [k, N]
+        everyone = dict(zip(names, gathered[: len(names)]))
+        self.sample_state.update(global_index, everyone)
+        for i, name in enumerate(extra):
+            everyone[f"term2_{name}"] = gathered[len(names) + i]
+        return everyone
+
+    def _other_term(self, sims, diag, positives, everyone, logit_scale, local_b, n):
+        """mean over all N anchors of (their g restricted to this rank's samples)/(u+eps)."""
+        ratio = 0
+        for side in ("image", "text"):
+            if self.individual:
+                tau = everyone[f"tau_{side}" if self.cfg.reference_parity else f"term2_tau_{side}"]
+                scale = 1.0 / tau[:, None]
+            else:
+                scale = logit_scale if self.cfg.reference_parity else logit_scale.detach()
+            diff = ((sims[side] - diag) * scale).masked_fill(positives, -math.inf)
+            den = self._log_denominator(everyone[f"log_u_{side}"])
+            ratio = ratio + torch.exp(diff - den[:, None]).sum(1)
+        # The reference's normaliser B (N - 1) / N: averaged over the DP ranks, this term is the
+        # global mean of g / (u + eps), as the first.
+        return (ratio / (local_b * (n - 1) / n)).mean()
 
     def _log_denominator(self, log_u: torch.Tensor) -> torch.Tensor:
         """log(u + eps)."""
