@@ -129,6 +129,10 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, include=None) -> list[st
     if cfg.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {cfg.rank}")
     targets = resolve_targets(cfg.target_modules)
+    te = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("TE") and "Linear" in type(m).__name__})
+    if te:
+        raise NotImplementedError(f"LoRA attaches to megatron-core's local linears; this model has Transformer Engine "
+                                  f"ones ({', '.join(te)}): use attention_backend=sdpa or flash for LoRA fine-tuning")
     slices = [t for t in targets if t in _QKV_SLICES]
     whole = {_MODULE_OF[t] for t in targets if t in _MODULE_OF}
     adapted = []

@@ -165,3 +165,13 @@ def test_count_parameters_scales_tp_shards(single_rank):
     layer.weight.tensor_model_parallel = True
     layer.bias.requires_grad_(False)
     assert count_parameters(layer, tp_size=2) == (32, 36)
+
+
+def test_transformer_engine_linears_are_refused():
+    class TELayerNormColumnParallelLinear(torch.nn.Linear):  # stands in for TE's fused norm + linear
+        pass
+
+    with pytest.raises(NotImplementedError, match="Transformer Engine"):
+        apply_lora(torch.nn.Sequential(TELayerNormColumnParallelLinear(4, 4)), LoRAConfig())
+    with pytest.raises(ValueError, match="matched no tensor-parallel linear"):
+        apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoRAConfig())
