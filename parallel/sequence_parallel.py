@@ -4,6 +4,10 @@ Under sequence parallelism each TP rank runs the layer norms (and the row-parall
 own slice of the sequence, so each holds a partial gradient of these replicated parameters; they
 are summed over the TP group once per step, after backward (Megatron's
 `_allreduce_layernorm_grads`). The sum commutes with the DP reduction, so either may come first.
+
+Per-head query/key norms (qk-norm) are the same case without SP: each TP rank applies the shared
+gain to its own heads only, so their parameters carry `grad_summed_over_tp` and are summed too
+(megatron-core's `finalize_model_grads` does this for q_layernorm / k_layernorm).
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def is_sequence_parallel(param: torch.nn.Parameter) -> bool:
-    return bool(getattr(param, "sequence_parallel", False))
+    """True when this parameter's gradient is partial on each TP rank and summed over TP after
+    backward: sequence-parallel norms and biases, and qk-norm gains (`grad_summed_over_tp`)."""
+    return bool(getattr(param, "sequence_parallel", False) or getattr(param, "grad_summed_over_tp", False))
 
 
 def sequence_parallel_group():

@@ -4,6 +4,11 @@ Every megatron tensor-parallel parameter carries `tensor_model_parallel`, `parti
 `partition_stride`; a shard is the rank's contiguous chunk along `partition_dim` (megatron's fused
 QKV is laid out head group by head group, so a chunk on dim 0 is a whole set of heads). Used by the
 TP-equivalence tests and, later, by re-sharding and checkpoint conversion.
+
+A strided partition (`partition_stride` s > 1) is megatron's layout for a gated MLP's fc1: the full
+tensor is cut into s x TP equal chunks along the partition dim and rank r holds chunks r, r + TP,
+..., concatenated. For SwiGLU (s = 2) the full fc1 is [gate; up] and rank r holds
+[gate_r; up_r]: its own slice of both halves, so the GLU split inside each rank stays right.
 """
 from __future__ import annotations
 
@@ -11,15 +16,26 @@ import torch
 import torch.distributed as dist
 
 
-def _tp_layout(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter name -> partition dim, for tensor-parallel parameters only."""
-    layout = {}
-    for name, param in model.named_parameters():
-        if getattr(param, "tensor_model_parallel", False):
-            if getattr(param, "partition_stride", 1) != 1:
-                raise NotImplementedError(f"{name}: strided TP partitions are not supported")
-            layout[name] = param.partition_dim
-    return layout
+def _tp_layout(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Parameter name -> (partition dim, stride), for tensor-parallel parameters only."""
+    return {name: (param.partition_dim, getattr(param, "partition_stride", 1))
+            for name, param in model.named_parameters() if getattr(param, "tensor_model_parallel", False)}
+
+
+def shard_tensor(full: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank `tp_rank`'s shard of a full tensor split along `dim` with megatron's `stride`."""
+    if full.shape[dim] % (stride * tp_size):
+        raise ValueError(f"size {full.shape[dim]} along dim {dim} does not split into {stride} x {tp_size} chunks")
+    chunks = full.chunk(stride * tp_size, dim=dim)
+    return torch.cat(chunks[tp_rank::tp_size], dim=dim) if stride > 1 else chunks[tp_rank]
+
+
+def unshard_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from every TP rank's shard, in rank order (inverse of `shard_tensor`)."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(len(parts))], dim=dim)
 
 
 def shard_full_state_dict(full: dict, model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict:
@@ -37,10 +53,10 @@ def shard_full_state_dict(full: dict, model: torch.nn.Module, tp_rank: int, tp_s
             out[name] = tensor
             continue
         if name in layout:
-            dim = layout[name]
+            dim, stride = layout[name]
             target_full = own[name].shape[dim] * tp_size
-            tensor = _resize_dim(tensor, dim, target_full)
-            tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
+            tensor = _resize_dim(tensor, dim, target_full) if stride == 1 else tensor
+            tensor = shard_tensor(tensor, dim, stride, tp_rank, tp_size)
         if tensor.shape != own[name].shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(own[name].shape)}")
         out[name] = tensor.clone()
@@ -81,6 +97,6 @@ def _gather_full(model: torch.nn.Module, tp_group, tensors: dict) -> dict:
         if name in layout and tp_size > 1:
             parts = [torch.empty_like(tensor) for _ in range(tp_size)]
             dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-            tensor = torch.cat(parts, dim=layout[name])
+            tensor = unshard_tensors(parts, *layout[name])
         full[name] = tensor.detach().clone()
     return full

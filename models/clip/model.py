@@ -3,30 +3,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 
 from models.clip.config import CLIPConfig
 from models.clip.towers import TextTower, VisionTower
 from models.common.attention import resolve_attention_backend
-from models.common.transformer_config import make_transformer_config
-
-
-def recompute_settings(tower) -> dict:
-    """NeMo's activation-checkpointing keys -> megatron-core's TransformerConfig fields."""
-    granularity = tower.activations_checkpoint_granularity
-    method, num_layers = tower.activations_checkpoint_method, tower.activations_checkpoint_num_layers
-    if granularity is None:
-        return {}
-    if granularity == "full":
-        if method not in ("uniform", "block") or not num_layers:
-            raise ValueError("activations_checkpoint_granularity=full needs activations_checkpoint_method "
-                             "(uniform or block) and activations_checkpoint_num_layers >= 1")
-        return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
-    if granularity == "selective":
-        if method is not None or num_layers is not None:
-            raise ValueError("activations_checkpoint_granularity=selective takes no method or num_layers")
-        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
-    raise ValueError(f"activations_checkpoint_granularity={granularity!r}: use full, selective or null")
+from models.common.recompute import recompute_settings
+from models.common.stage import pipeline_stage_flags
+from models.common.transformer_config import make_transformer_config, parallel_sizes
 
 
 def tower_transformer_config(tower, **overrides):
@@ -50,16 +33,6 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1)
 
 
-def pipeline_stage_flags(pre_process: bool | None, post_process: bool | None) -> tuple[bool, bool]:
-    """(first stage, last stage) of this rank, unless given; a single stage without parallel state."""
-    initialized = parallel_state.model_parallel_is_initialized()
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage() if initialized else True
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage() if initialized else True
-    return pre_process, post_process
-
-
 class CLIPModel(torch.nn.Module):
     """Both towers and the temperature; under pipeline parallelism, this rank's stage of them.
 
@@ -69,11 +42,17 @@ class CLIPModel(torch.nn.Module):
     """
 
     def __init__(self, cfg: CLIPConfig, pre_process: bool | None = None, post_process: bool | None = None,
+                 tensor_model_parallel_size: int | None = None, pipeline_model_parallel_size: int | None = None,
                  **transformer_overrides):
-        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute, SP...)."""
+        """`transformer_overrides` go to both towers' TransformerConfig (dtype, init, recompute, SP...).
+        The parallel sizes default to the running parallel state's."""
         super().__init__()
         self.cfg = cfg
         self.pre_process, self.post_process = pipeline_stage_flags(pre_process, post_process)
+        running_tp, running_pp = parallel_sizes()
+        transformer_overrides = {"tensor_model_parallel_size": tensor_model_parallel_size or running_tp,
+                                 "pipeline_model_parallel_size": pipeline_model_parallel_size or running_pp,
+                                 **transformer_overrides}
         backend = resolve_attention_backend(cfg.attention_backend, cfg.use_flash_attention)
         self.attention_backend = backend
         stage = {"pre_process": self.pre_process, "post_process": self.post_process}

@@ -15,85 +15,13 @@ gathered again before pooling; everything outside the block is replicated.
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
-from megatron.core.transformer.transformer_block import (
-    TransformerBlock,
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.clip.config import TextConfig, VisionConfig
-from models.common.norm import Norm, build_norm
+from models.common.sequence_parallel import SequenceParallelRegion
 from models.common.spec import transformer_layer_spec
-
-
-def build_block(config: TransformerConfig, backend: str, causal: bool, post_process: bool = True) -> TransformerBlock:
-    """This pipeline stage's layers; the final norm (CLIP's ln_post / ln_final) only on the last stage."""
-    spec = transformer_layer_spec(backend, causal=causal)
-    layers = get_num_layers_to_build(config)
-    submodules = TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=Norm)
-    # pre_process stays True: hidden states are passed in directly, not through set_input_tensor.
-    return TransformerBlock(config, submodules, post_layer_norm=True, pre_process=True, post_process=post_process)
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
-    """Megatron's rule: pad so every TP rank holds an equal slice of a multiple of `divisible_by`."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def replicated_norm(config: TransformerConfig, width: int, eps: float) -> torch.nn.Module:
-    """A norm outside the block: it sees the whole sequence, so its gradients need no TP all-reduce."""
-    norm = build_norm(config, width, eps=eps)
-    for param in norm.parameters():
-        param.sequence_parallel = False
-    return norm
-
-
-class SequenceParallelRegion:
-    """Scatter the block input over TP ranks along the sequence and gather it back (Megatron SP).
-
-    The sequence is padded with zeros to a multiple of TP. A causal tower ignores the padding
-    (it comes last); a bidirectional one masks the padded keys.
-    """
-
-    def __init__(self, config: TransformerConfig):
-        self.enabled = bool(config.sequence_parallel) and parallel_state.get_tensor_model_parallel_world_size() > 1
-        self.tp = parallel_state.get_tensor_model_parallel_world_size() if self.enabled else 1
-
-    def padding(self, seq_len: int) -> int:
-        return (-seq_len) % self.tp
-
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        pad = self.padding(x.shape[0])
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-        return scatter_to_sequence_parallel_region(x)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole (padded) sequence on every TP rank; backward keeps this rank's slice of the
-        gradient, since what follows (pooling, projection) is replicated."""
-        if not self.enabled:
-            return x
-        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-
-    def key_padding_mask(self, seq_len: int, batch: int, device) -> torch.Tensor | None:
-        """megatron-style boolean mask (True = masked) hiding padded keys, or None without padding."""
-        pad = self.padding(seq_len) if self.enabled else 0
-        if not pad:
-            return None
-        mask = torch.zeros(batch, 1, 1, seq_len + pad, dtype=torch.bool, device=device)
-        mask[..., seq_len:] = True
-        return mask
+from models.common.stage import build_block, padded_vocab_size, replicated_norm
 
 
 class VisionTower(torch.nn.Module):
@@ -122,7 +50,7 @@ class VisionTower(torch.nn.Module):
             self.class_embedding = torch.nn.Parameter(scale * torch.randn(cfg.class_token_length, width, dtype=dtype))
             self.positional_embedding = torch.nn.Parameter(scale * torch.randn(cfg.seq_length, width, dtype=dtype))
             self.ln_pre = replicated_norm(config, width, cfg.layernorm_epsilon)
-        self.transformer = build_block(config, backend, causal=False, post_process=post_process)
+        self.transformer = build_block(config, transformer_layer_spec(backend, causal=False), post_process=post_process)
         if post_process:
             self.proj = torch.nn.Linear(width, cfg.output_dim, bias=False, dtype=dtype)
             torch.nn.init.normal_(self.proj.weight, std=scale)
@@ -163,7 +91,8 @@ class TextTower(torch.nn.Module):
         self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
         self.sequence_parallel = SequenceParallelRegion(config)
         width, dtype = cfg.hidden_size, config.params_dtype
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by)
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                                                   config.tensor_model_parallel_size)
         if pre_process:
             init = lambda w: torch.nn.init.normal_(w, std=0.02)
             self.token_embedding = VocabParallelEmbedding(
@@ -171,7 +100,7 @@ class TextTower(torch.nn.Module):
             )
             self.positional_embedding = torch.nn.Parameter(torch.empty(cfg.encoder_seq_length, width, dtype=dtype))
             torch.nn.init.normal_(self.positional_embedding, std=0.01)
-        self.transformer = build_block(config, backend, causal=True, post_process=post_process)
+        self.transformer = build_block(config, transformer_layer_spec(backend, causal=True), post_process=post_process)
         if post_process:
             self.text_projection = torch.nn.Linear(width, cfg.output_dim, bias=False, dtype=dtype)
             torch.nn.init.normal_(self.text_projection.weight, std=width ** -0.5)

@@ -13,7 +13,8 @@ def _run(pp: int, full_state: dict | None):
     from megatron.core import parallel_state
 
     from engine.schedules import forward_backward
-    from models.clip.towers import build_block
+    from models.common.spec import transformer_layer_spec
+    from models.common.stage import build_block
     from models.common.transformer_config import make_transformer_config
     from parallel.context import initialize_parallel
     from parallel.p2p import StageLink
@@ -25,9 +26,10 @@ def _run(pp: int, full_state: dict | None):
     class Regressor(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            config = make_transformer_config(num_layers=4, hidden_size=WIDTH, ffn_hidden_size=64, num_attention_heads=4)
+            config = make_transformer_config(num_layers=4, hidden_size=WIDTH, ffn_hidden_size=64, num_attention_heads=4,
+                                             tensor_model_parallel_size=1, pipeline_model_parallel_size=pp)
             self.embed = torch.nn.Linear(8, WIDTH) if first else None
-            self.block = build_block(config, "sdpa", causal=True, post_process=last)
+            self.block = build_block(config, transformer_layer_spec("sdpa", causal=True), post_process=last)
             self.head = torch.nn.Linear(WIDTH, 1) if last else None
 
     model = Regressor()

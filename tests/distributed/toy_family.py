@@ -84,18 +84,16 @@ class SamplesPerReplica:
 class Regressor(torch.nn.Module):
     def __init__(self, cfg: ToyModelConfig, tp: int, pp: int, pre_process: bool, post_process: bool):
         super().__init__()
+        from models.common.spec import transformer_layer_spec
+        from models.common.stage import build_block
         from models.common.transformer_config import make_transformer_config
-        try:
-            from models.common.stage import build_block
-        except ImportError:  # before the shared helpers moved out of models/clip
-            from models.clip.towers import build_block
 
         config = make_transformer_config(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                         ffn_hidden_size=cfg.ffn_hidden_size,
-                                         num_attention_heads=cfg.num_attention_heads)
+                                         ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+                                         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         self.pre_process, self.post_process = pre_process, post_process
         self.embed = torch.nn.Linear(IN_FEATURES, cfg.hidden_size) if pre_process else None
-        self.block = build_block(config, "sdpa", causal=True, post_process=post_process)
+        self.block = build_block(config, transformer_layer_spec("sdpa", causal=True), post_process=post_process)
         self.head = torch.nn.Linear(cfg.hidden_size, 1) if post_process else None
 
 

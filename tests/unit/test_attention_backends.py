@@ -36,7 +36,8 @@ def _inputs(dtype, device="cpu"):
 
 def _module(cls, causal):
     config = make_transformer_config(num_layers=1, hidden_size=HEADS * DIM, ffn_hidden_size=4 * HEADS * DIM,
-                                     num_attention_heads=HEADS)
+                                     num_attention_heads=HEADS, tensor_model_parallel_size=1,
+                                     pipeline_model_parallel_size=1)
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     return cls(config, layer_number=1, attn_mask_type=mask, attention_type="self")
 
