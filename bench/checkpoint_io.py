@@ -37,7 +37,8 @@ def _worker(args) -> None:
     from engine.checkpoint import CheckpointManager
     from engine.config import load_config
     from engine.optim import WarmupCosineSchedule, build_optimizer
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
     from engine.trainer import TrainState
     from models.clip.model import CLIPModel, count_parameters
     from parallel.context import destroy_parallel, initialize_parallel

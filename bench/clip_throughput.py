@@ -48,7 +48,7 @@ def engine_run(python: str, model: str, tp: int, dp: int, steps: int, warmup: in
 def openclip_dims(config_path: str) -> dict:
     """Our tower dimensions in open_clip's terms, read from the same config file."""
     from engine.config import load_config
-    from engine.schema import ExperimentConfig
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     cfg = load_config(ExperimentConfig, config_path)
     v, t = cfg.model.vision, cfg.model.text

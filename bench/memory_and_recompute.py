@@ -41,7 +41,8 @@ def run(model: str, variant: str, steps: int, warmup: int, shards: str) -> dict:
     final = res["final"]
     from engine.config import load_config
     from engine.memory_estimate import estimate
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     cfg = load_config(ExperimentConfig, os.path.join(ROOT, config), overrides, BARE_KEYS)
     predicted = estimate(cfg, tp=1, pp=1, dp=2)

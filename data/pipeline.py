@@ -82,7 +82,7 @@ def read_tar_shard(url: str, stats: PipelineStats):
     if failed:
         stats.shards_skipped += 1
         log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, failed[0],
-                    stats.shards_skipped)
+                    stats.shards_skipped, extra={"per_replica": True})
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -115,7 +115,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     def _skip(self, raw: dict, reason: str) -> None:
         self.stats.samples_skipped += 1
-        log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason)
+        log.warning("skipped sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), reason,
+                    extra={"per_replica": True})
 
     def _usable(self, raw: dict) -> bool:
         if _first_key(raw, IMAGE_KEYS) is None or _first_key(raw, TEXT_KEYS) is None:

@@ -66,7 +66,7 @@ class TextDocuments:
 
     def _skip(self, where: str, reason: str) -> None:
         self.stats.samples_skipped += 1
-        log.warning("skipped document %s: %s", where, reason)
+        log.warning("skipped document %s: %s", where, reason, extra={"per_replica": True})
 
     def _read_jsonl(self, url: str):
         try:
@@ -76,7 +76,7 @@ class TextDocuments:
         except OSError as exc:
             self.stats.shards_skipped += 1
             log.warning("skipped unreadable shard %s: %r (%d shard reads skipped so far)", url, exc,
-                        self.stats.shards_skipped)
+                        self.stats.shards_skipped, extra={"per_replica": True})
 
     def _read_shard(self, url: str):
         return self._read_jsonl(url) if url.endswith(".jsonl") else read_tar_shard(url, self.stats)
@@ -220,7 +220,7 @@ class PackedTextLoader:
             return True
         log.warning("data position saved for %d shards / rank %d / seq_length %d does not fit %d / %d / %d: "
                     "starting a fresh stream", state["num_shards"], state["dp_rank"], state["seq_length"],
-                    len(docs.shards), docs.dp_rank, self.seq_length)
+                    len(docs.shards), docs.dp_rank, self.seq_length, extra={"per_replica": True})
         epoch = (state["stream"] or {}).get("epoch", 0) + 1
         position = StreamPosition(rng=random.Random(f"{docs.seed}-{docs.dp_rank}-resume{state['batches_consumed']}"),
                                   epoch=epoch)

@@ -90,7 +90,10 @@ class SentencePieceTokenizer(Tokenizer):
         if self.pad_id < 0 and not require_pad:
             self.pad_id = self.eot_id
         if min(self.pad_id, self.sot_id, self.eot_id) < 0:
-            raise ValueError(f"{model_path}: the model needs pad, bos and eos pieces (train with pad_id/bos_id/eos_id)")
+            from data.train_tokenizer import REQUIREMENTS
+
+            raise ValueError(f"{model_path}: pad_id={self.pad_id}, bos_id={self.sot_id}, eos_id={self.eot_id} "
+                             f"(-1: missing); {REQUIREMENTS}")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text.lower() if self.lowercase else text)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from typing import Any, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("engine")
 
 
 class ConfigError(ValueError):
@@ -73,26 +76,66 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def parse_overrides(args: Sequence[str], bare_keys: dict[str, str]) -> dict[str, Any]:
-    """`key=value` strings -> {dotted_key: value}, values parsed as YAML scalars/lists."""
-    out = {}
+def parse_overrides(args: Sequence[str], bare_keys: dict[str, str],
+                    aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """`key=value` strings -> {dotted_key: value}, values parsed as YAML scalars/lists. Bare keys and
+    aliases are mapped to their dotted keys; a key given twice is an error showing both values (an
+    unquoted brace pattern that the shell expanded into several words looks like that)."""
+    out, given = {}, {}
     for arg in args:
         if "=" not in arg:
-            raise ConfigError(f"override '{arg}' is not of the form key=value")
+            hint = ""
+            if given:
+                last = list(given.values())[-1]
+                hint = (f" (after '{last}': an unquoted brace or glob pattern that the shell expanded into "
+                        "several words? quote the value)")
+            raise ConfigError(f"override '{arg}' is not of the form key=value{hint}")
         key, raw = arg.split("=", 1)
         key = key.strip().lstrip("+")
         key = bare_keys.get(key, key)
+        key = _resolve_alias(key, aliases)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{arg}': cannot parse value: {exc}") from exc
+        if key in given and out[key] != value:
+            raise ConfigError(f"'{key}' is given twice on the command line: '{given[key]}' and '{arg}' (an "
+                              "unquoted brace pattern the shell expanded? quote it); give it once")
+        given[key] = arg
         out[key] = value
     return out
 
 
+_announced_aliases: set[str] = set()
+
+
+def _resolve_alias(key: str, aliases: dict[str, str] | None) -> str:
+    """Another tool's documented path for a key (NeMo's `model.tensor_model_parallel_size`, say)
+    -> this engine's key, logged once per alias."""
+    if not aliases or key not in aliases:
+        return key
+    target = aliases[key]
+    if key not in _announced_aliases:
+        _announced_aliases.add(key)
+        log.info("config key '%s' is read as '%s'", key, target)
+    return target
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
 def load_config(schema_cls, config_file: str | None = None, overrides: Sequence[str] = (),
-                bare_keys: dict[str, str] | None = None):
-    """Build the dataclass instance `schema_cls` from defaults, an optional YAML file and overrides."""
+                bare_keys: dict[str, str] | None = None, aliases: dict[str, str] | None = None):
+    """Build the dataclass instance `schema_cls` from defaults, an optional YAML file and overrides.
+    `bare_keys` (`tensor_model_parallel_size`) and `aliases` (other tools' paths) name dotted keys."""
     bare_keys = bare_keys or {}
     valid = schema_keys(schema_cls)
     base = OmegaConf.structured(schema_cls)
@@ -112,19 +155,30 @@ def load_config(schema_cls, config_file: str | None = None, overrides: Sequence[
             if bare in file_tree:
                 section, leaf = dotted.split(".", 1)
                 file_tree.setdefault(section, {})[leaf] = file_tree.pop(bare)
-        for key in _flatten(file_tree):
+        flat = _flatten(file_tree)
+        if aliases and any(k in aliases for k in flat):
+            file_tree = _unflatten({_resolve_alias(k, aliases): v for k, v in flat.items()})
+            flat = _flatten(file_tree)
+        for key in flat:
             _check_key(key, valid, config_file)
         layers.append(OmegaConf.create(file_tree))
-    cli = parse_overrides(overrides, bare_keys)
+    cli = parse_overrides(overrides, bare_keys, aliases)
     for key in cli:
         _check_key(key, valid, "command line")
     if cli:
         layers.append(OmegaConf.from_dotlist([f"{k}={_dotlist_value(v)}" for k, v in cli.items()]))
     try:
         merged = OmegaConf.merge(base, *layers)
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config value: {exc}") from exc
+    from engine.config_checks import check_config
+
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError("invalid config values:\n  " + "\n  ".join(problems) if len(problems) > 1
+                          else f"invalid config value: {problems[0]}")
+    return cfg
 
 
 def _dotlist_value(value: Any) -> str:
@@ -167,11 +221,12 @@ def sync_config_file(path: str, schema_cls) -> None:
         fh.write(header + OmegaConf.to_yaml(merged))
 
 
-if __name__ == "__main__":  # python -m engine.config configs/clip/*.yaml
+if __name__ == "__main__":  # python -m engine.config clip configs/clip/*.yaml
     import sys
 
-    from engine.schema import ExperimentConfig
+    from engine.family import get_family
 
-    for config_path in sys.argv[1:]:
-        sync_config_file(config_path, ExperimentConfig)
+    schema = get_family(sys.argv[1]).config_cls
+    for config_path in sys.argv[2:]:
+        sync_config_file(config_path, schema)
         print(f"synced {config_path}")

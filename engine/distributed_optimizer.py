@@ -46,7 +46,7 @@ class _Segment:
     param: torch.nn.Parameter
     start: int  # within the shard
     end: int
-    decay: bool
+    group: int  # index into FlatAdamW.param_groups
     counts_toward_norm: bool
     bucket: _Bucket
     param_offset: int = 0  # the parameter's (flattened) element where this segment starts
@@ -71,10 +71,17 @@ class _Bucket:
 
 class FlatAdamW:
     def __init__(self, model: torch.nn.Module, dp_group, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, no_decay=lambda name, p: False, shard: bool = True,
+                 weight_decay: float = 0.0, groups=None, shard: bool = True,
                  loss_scaler=None, max_grad_norm: float = 0.0, model_parallel_group=None,
                  bucket_size: int = 40_000_000, overlap_grad_sync: bool = True):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        """`groups`: [(engine.optim.ParamGroup, [(name, param), ...])] of the trainable parameters
+        (default: one decayed group of all of them)."""
+        if groups is None:
+            from engine.optim import DECAY
+
+            groups = [(DECAY, [(n, p) for n, p in model.named_parameters() if p.requires_grad])]
+        group_of = {id(p): index for index, (_, members) in enumerate(groups) for _, p in members}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in group_of]
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype, found {sorted(map(str, dtypes))}")
@@ -85,7 +92,10 @@ class FlatAdamW:
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.max_grad_norm = max_grad_norm
         self.loss_scaler = loss_scaler or ConstantLossScaler()
-        self.param_groups = [{"lr": lr}]  # what LR schedules write to
+        # What LR schedules write to (set_lr): one entry per group, its own lr rule beside it.
+        self.param_groups = [{"name": g.name, "lr": lr, "weight_decay": g.weight_decay} for g, _ in groups]
+        self.lr_fns = [g.lr for g, _ in groups]
+        self.scheduled_lr = lr
         self.step_count = 0
         self.overlap = overlap_grad_sync and self.dp_size > 1
         self._sync_armed = False
@@ -129,7 +139,7 @@ class FlatAdamW:
             lo, hi = max(position, mine_lo), min(position + n, mine_lo + chunk)
             if lo < hi:
                 base = bucket.shard_offset - mine_lo
-                self.segments.append(_Segment(p, lo + base, hi + base, not no_decay(name, p), counts_toward_norm(p),
+                self.segments.append(_Segment(p, lo + base, hi + base, group_of[id(p)], counts_toward_norm(p),
                                               bucket, lo - position))
         for bucket in self.buckets:  # padding at the end of each bucket: defined values
             used = sum(p.numel() for p in bucket.params)
@@ -147,6 +157,32 @@ class FlatAdamW:
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         # Unsharded, the shard is the whole buffer in the same order: work on it in place.
         self._grad_shard = torch.zeros_like(self.exp_avg) if self.sharded else self.grad_buffer
+        self._runs = self._lr_runs()
+
+    def _lr_runs(self) -> list:
+        """[(bucket index, lo, hi, group index | None)] covering every master chunk: stretches whose
+        elements share one lr. Parameters of groups that follow the schedule (and bucket padding)
+        share the schedule's lr (None), so there are only a few runs, however many parameters."""
+        runs = []
+        for index, bucket in enumerate(self.buckets):
+            size = self.master_chunks[index].numel()
+            own = sorted((seg.start - bucket.shard_offset, seg.end - bucket.shard_offset, seg.group)
+                         for seg in self.segments if seg.bucket is bucket and self.lr_fns[seg.group] is not None)
+            at = 0
+            for lo, hi, group in own:
+                if lo > at:
+                    runs.append((index, at, lo, None))
+                runs.append((index, lo, hi, group))
+                at = hi
+            if at < size:
+                runs.append((index, at, size, None))
+        return runs
+
+    def set_lr(self, step: int, lr: float) -> None:
+        """The schedule's `lr` for optimizer step `step`; groups with their own lr rule apply it."""
+        self.scheduled_lr = lr
+        for group, fn in zip(self.param_groups, self.lr_fns):
+            group["lr"] = fn(step, lr) if fn is not None else lr
 
     def _my_chunk(self, buffer: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
         if not self.sharded:
@@ -244,18 +280,21 @@ class FlatAdamW:
 
     def _adam(self, grad: torch.Tensor) -> None:
         self.step_count += 1
-        lr = self.param_groups[0]["lr"]
+        scheduled = self.scheduled_lr
         beta1, beta2 = self.betas
         bias1 = 1 - beta1 ** self.step_count
         bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
         if self.weight_decay:  # decoupled (AdamW), only on the parameters that decay
             for seg in self.segments:
-                if seg.decay:
-                    self._master_slice(seg.bucket, seg.start, seg.end).mul_(1 - lr * self.weight_decay)
+                group = self.param_groups[seg.group]
+                if group["weight_decay"]:
+                    self._master_slice(seg.bucket, seg.start, seg.end).mul_(1 - group["lr"] * self.weight_decay)
         # In slices, so the one temporary (the denominator) stays small next to the state.
-        for bucket, master in zip(self.buckets, self.master_chunks):
-            for lo in range(0, master.numel(), ADAM_SLICE):
-                hi = min(lo + ADAM_SLICE, master.numel())
+        for index, run_lo, run_hi, group in self._runs:
+            bucket, master = self.buckets[index], self.master_chunks[index]
+            lr = scheduled if group is None else self.param_groups[group]["lr"]
+            for lo in range(run_lo, run_hi, ADAM_SLICE):
+                hi = min(lo + ADAM_SLICE, run_hi)
                 at = slice(bucket.shard_offset + lo, bucket.shard_offset + hi)
                 g, m, v = grad[at], self.exp_avg[at], self.exp_avg_sq[at]
                 m.lerp_(g, 1 - beta1)
@@ -317,7 +356,7 @@ class FlatAdamW:
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "master": torch.cat(self.master_chunks).float(), "exp_avg": self.exp_avg,
                 "exp_avg_sq": self.exp_avg_sq, "loss_scaler": self.loss_scaler.state_dict(),
-                "lr": self.param_groups[0]["lr"], "layout": self._layout_signature()}
+                "lr": self.scheduled_lr, "layout": self._layout_signature()}
 
     def _layout_signature(self) -> list:
         return [self.dp_size if self.sharded else 1, self.dp_rank] + [(b.start, b.end) for b in self.buckets]
@@ -331,6 +370,6 @@ class FlatAdamW:
         for bucket, master in zip(self.buckets, self.master_chunks):
             master.copy_(state["master"][bucket.shard_offset:bucket.shard_offset + master.numel()])
         self.loss_scaler.load_state_dict(state["loss_scaler"])
-        self.param_groups[0]["lr"] = state["lr"]
+        self.set_lr(self.step_count, state["lr"])
         self._publish_parameters()
 

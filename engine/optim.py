@@ -1,7 +1,9 @@
-"""AdamW with CLIP's weight-decay exclusions, and a warmup + cosine learning-rate schedule."""
+"""AdamW with the model's own weight-decay policy, and a warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -9,31 +11,68 @@ from torch.optim.optimizer import _get_scalar_dtype
 from engine.distributed_optimizer import FlatAdamW, StepResult
 from engine.grad_norm import clip_grad_norm
 from engine.loss_scaler import ConstantLossScaler
+from engine.schema import OPTIMIZERS  # one list of names, checked when the config loads
 from parallel.data_parallel import GradientAverager
 from parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
-# Parameters that should not be decayed (open_clip / CLIP practice): gains and biases of norms,
-# all biases, embeddings and learned positions, class tokens, and the temperature.
-_NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale", "norm", "ln_")
+
+def default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Without a model policy: biases and norm gains (every parameter of fewer than 2 dims) are not
+    decayed, matrices are (nanoGPT's and Megatron's default)."""
+    return param.ndim < 2
 
 
-def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim < 2 or any(part in name for part in _NO_DECAY_NAME_PARTS)
+def no_weight_decay_policy(model: torch.nn.Module):
+    """The model's own `no_weight_decay(name, param) -> bool` (the model owns its policy, as
+    nanoGPT's `configure_optimizers`), else `default_no_weight_decay`."""
+    hook = getattr(model, "no_weight_decay", None)
+    return hook if callable(hook) else default_no_weight_decay
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+@dataclass(frozen=True)
+class ParamGroup:
+    """How the optimizer treats a set of parameters. A model's `param_group(name, param) ->
+    ParamGroup` hook decides (groups are told apart by name); without one, `no_weight_decay` splits
+    the parameters into "decay" and "no_decay"."""
+
+    name: str
+    weight_decay: bool = True
+    # (optimizer step, the schedule's lr) -> this group's lr; None: the schedule's lr. E.g. FastCLIP's
+    # temperature with its own lr_tau and schedule.
+    lr: Optional[Callable[[int, float], float]] = None
+
+
+DECAY, NO_DECAY = ParamGroup("decay"), ParamGroup("no_decay", weight_decay=False)
+
+
+def param_group_policy(model: torch.nn.Module) -> Callable[[str, torch.nn.Parameter], ParamGroup]:
+    hook = getattr(model, "param_group", None)
+    if callable(hook):
+        return hook
+    exclude = no_weight_decay_policy(model)
+    return lambda name, param: NO_DECAY if exclude(name, param) else DECAY
+
+
+def group_parameters(model: torch.nn.Module) -> list[tuple[ParamGroup, list]]:
+    """[(group, [(name, trainable parameter), ...])] in first-seen order; frozen parameters
+    (requires_grad=False) belong to no group: no optimizer state, no gradient buffer."""
+    policy, groups = param_group_policy(model), {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+        group = policy(name, param)
+        if group.name in groups and groups[group.name][0] != group:
+            raise ValueError(f"parameter group {group.name!r} is given two different settings (at {name})")
+        groups.setdefault(group.name, (group, []))[1].append((name, param))
+    return list(groups.values())
 
 
-OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
+def param_groups(model: torch.nn.Module, weight_decay: float, groups=None) -> list[dict]:
+    """torch optimizer param groups, one per `ParamGroup` (of `groups`, default the model's)."""
+    return [{"params": [p for _, p in members], "weight_decay": weight_decay if group.weight_decay else 0.0,
+             "name": group.name} for group, members in (groups or group_parameters(model))]
+
+
 
 
 class ReplicatedAdamW:
@@ -42,8 +81,11 @@ class ReplicatedAdamW:
 
     def __init__(self, model: torch.nn.Module, cfg, dp_group, max_grad_norm: float, loss_scaler=None):
         opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        groups = group_parameters(model)
+        self.optimizer = opt_cls(param_groups(model, cfg.weight_decay, groups), lr=cfg.lr, betas=tuple(cfg.betas),
+                                 eps=cfg.eps)
         self.param_groups = self.optimizer.param_groups
+        self.lr_fns = [group.lr for group, _ in groups]  # beside torch's groups (their state_dict pickles)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.averager = GradientAverager(self.params, dp_group)
         self.max_grad_norm = max_grad_norm
@@ -52,6 +94,11 @@ class ReplicatedAdamW:
     @property
     def loss_scale(self) -> float:
         return self.loss_scaler.scale
+
+    def set_lr(self, step: int, lr: float) -> None:
+        """The schedule's `lr` for optimizer step `step`; groups with their own lr rule apply it."""
+        for group, fn in zip(self.param_groups, self.lr_fns):
+            group["lr"] = fn(step, lr) if fn is not None else lr
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -133,7 +180,7 @@ def build_optimizer(model: torch.nn.Module, cfg, *, dp_group=None, model_paralle
         if cfg.name == "adam":
             raise ValueError("optim.name=adam (L2 weight decay) has no master-weight variant; use adamw")
         return FlatAdamW(model, dp_group, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         no_decay=exclude_from_weight_decay, shard=cfg.name == "distributed_fused_adam",
+                         groups=group_parameters(model), shard=cfg.name == "distributed_fused_adam",
                          loss_scaler=loss_scaler, max_grad_norm=max_grad_norm,
                          model_parallel_group=model_parallel_group, bucket_size=cfg.bucket_size,
                          overlap_grad_sync=cfg.overlap_grad_sync)
@@ -162,8 +209,8 @@ class WarmupCosineSchedule:
         return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
     def _apply(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.current_lr = lr
+        self.optimizer.set_lr(self.step_count, lr)
 
     def step(self) -> None:
         self.step_count += 1
@@ -171,7 +218,8 @@ class WarmupCosineSchedule:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's lr (groups with their own lr rule may differ)."""
+        return self.current_lr
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count}

@@ -1,15 +1,20 @@
-"""Typed configuration of one CLIP pre-training experiment.
-
-Every section is a dataclass; `configs/clip/*.yaml` mirror these 1:1 (a test checks it). Values
-resolve in this order: dataclass defaults < `--config` file < command-line `key=value`.
+"""The generic sections of every experiment's typed configuration: parallel, trainer, optim and
+checkpoint. A model family adds its own `model`, `data` and `eval` sections by subclassing
+`ExperimentConfig` (see `engine.family`); `configs/<family>/*.yaml` mirror the family's class 1:1
+(a test checks it). Values resolve in this order: dataclass defaults < `--config` file <
+command-line `key=value`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
+from engine.config_checks import at_least, greater_than, one_of, pair_in, probability
 from engine.loss_scaler import LossScalerConfig
-from models.clip.config import CLIPConfig
+from engine.precision import ALIASES as PRECISIONS
+
+OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -34,7 +39,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     val_check_interval: int = 100  # evaluate every N steps (0: only at the end)
     seed: int = 1234
-    output_dir: str = "runs/clip"
+    output_dir: str = "runs/run"  # each family sets its own default
     loss_scaler: LossScalerConfig = field(default_factory=LossScalerConfig)  # fp16 only
 
 
@@ -59,44 +64,6 @@ class OptimConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    """The compositional shapes data set written when `data.train_shards` is empty."""
-
-    out_dir: str = "data_cache/shapes"
-    num_train: int = 20000
-    num_eval: int = 1000
-    image_size: int = 64
-    samples_per_shard: int = 1000
-    seed: int = 0
-
-
-@dataclass
-class TokenizerConfig:
-    type: str = "sentencepiece"  # sentencepiece | clip_bpe
-    path: Optional[str] = None  # a .model (sentencepiece) or bpe_simple_vocab_16e6.txt.gz (clip_bpe)
-    vocab_size: int = 1000  # when training a SentencePiece model from the captions
-
-
-@dataclass
-class DataConfig:
-    train_shards: Optional[str] = None  # brace pattern, glob, directory; None = synthetic data
-    eval_shards: Optional[str] = None
-    classes_file: Optional[str] = None  # zero-shot class names and prompt templates (json)
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    shuffle_buffer: int = 1000
-    num_workers: int = 0
-    random_crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
-
-
-@dataclass
-class EvalConfig:
-    zero_shot: bool = True
-    retrieval: bool = True
-    batch_size: int = 256
-
-
-@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (engine/checkpoint): any TP/PP/DP layout loads any other's."""
 
@@ -107,25 +74,66 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (latest under dir, if any) | none | a checkpoint or checkpoint dir path
     async_save: bool = False  # write in a background thread after a host copy of the state
     load_optimizer: bool = True  # false: weights, schedule, step and data position only; fresh Adam moments
+    # Model weights only, at step 0, when there is nothing to resume: a checkpoint (or checkpoint
+    # root) of this family, read through the family's key map (e.g. base weights into LoRA layers).
+    init_from: Optional[str] = None
     verify_checksums: bool = True  # CRC32 of every file before loading (sizes are always checked)
 
 
 @dataclass
 class ExperimentConfig:
+    """What every family shares. A family's subclass adds `model` (which must have a boolean
+    `megatron_amp_O2`, NeMo's switch read by the precision plan), `data` and `eval`, and extends
+    `RULES` (see engine.config_checks) for them."""
+
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    model: CLIPConfig = field(default_factory=CLIPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    RULES: ClassVar[list] = [
+        ("parallel.tensor_model_parallel_size", at_least(1, integer=True)),
+        ("parallel.pipeline_model_parallel_size", at_least(1, integer=True)),
+        ("parallel.device", one_of("auto", "cpu", "cuda")),
+        ("parallel.distributed_timeout_minutes", greater_than(0)),
+        ("trainer.max_steps", at_least(0, integer=True)),
+        ("trainer.micro_batch_size", at_least(1, integer=True)),
+        ("trainer.global_batch_size", at_least(1, integer=True)),
+        ("trainer.precision", one_of(*PRECISIONS)),
+        ("trainer.gradient_clip_val", at_least(0)),
+        ("trainer.log_every_n_steps", at_least(1, integer=True)),
+        ("trainer.val_check_interval", at_least(0, integer=True)),
+        ("trainer.loss_scaler.initial_scale", greater_than(0)),
+        ("trainer.loss_scaler.min_scale", greater_than(0)),
+        ("trainer.loss_scaler.growth_factor", greater_than(1)),
+        ("trainer.loss_scaler.backoff_factor", probability()),
+        ("trainer.loss_scaler.growth_interval", at_least(1, integer=True)),
+        ("trainer.loss_scaler.hysteresis", at_least(1, integer=True)),
+        ("optim.name", one_of(*OPTIMIZERS)),
+        ("optim.lr", greater_than(0)),
+        ("optim.weight_decay", at_least(0)),
+        ("optim.betas", pair_in(0.0, 1.0)),
+        ("optim.eps", greater_than(0)),
+        ("optim.bucket_size", at_least(1, integer=True)),
+        ("optim.sched.name", one_of(*LR_SCHEDULES)),
+        ("optim.sched.warmup_steps", at_least(0, integer=True)),
+        ("optim.sched.min_lr", at_least(0)),
+        ("checkpoint.save_interval", at_least(0, integer=True)),
+        ("checkpoint.keep_last", at_least(0, integer=True)),
+        # Family sections: sizes and counts are positive, dropouts are probabilities.
+        ("model.*num_layers", at_least(1, integer=True)),
+        ("model.*hidden_size", at_least(1, integer=True)),
+        ("model.*num_attention_heads", at_least(1, integer=True)),
+        ("model.*dropout", probability()),
+        ("*.num_workers", at_least(0, integer=True)),
+        ("*batch_size", at_least(1, integer=True)),
+    ]
 
 
 # Keys accepted bare at top level, as in `torchrun ... pretrain_clip.py tensor_model_parallel_size=4`.
 BARE_KEYS = {
     "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
     "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
-    "sequence_parallel": "parallel.sequence_parallel",
     "sequence_parallel": "parallel.sequence_parallel",
     "device": "parallel.device",
 }

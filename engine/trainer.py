@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from engine.layout import accumulation_steps
 from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
 from engine.schedules import forward_backward
@@ -21,16 +22,6 @@ from engine.schedules import forward_backward
 log = logging.getLogger("engine")
 
 MAX_CONSECUTIVE_SKIPS = 10  # non-finite steps in a row (no loss scaler) before training stops
-
-
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
-    per_pass = micro_batch_size * dp_size
-    if global_batch_size % per_pass:
-        raise ValueError(
-            f"trainer.global_batch_size={global_batch_size} is not divisible by trainer.micro_batch_size="
-            f"{micro_batch_size} x data-parallel size {dp_size} = {per_pass}"
-        )
-    return global_batch_size // per_pass
 
 
 @dataclass
@@ -43,19 +34,28 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, eval_fn=None, precision=None, link=None):
+    def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, *, eval_fn=None, precision=None,
+                 link=None, train_loader=None, checkpoint=None):
         """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
         `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
         syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
-        context for the forward pass); `link` the `StageLink` to the neighbouring stages (PP > 1)."""
+        context for the forward pass); `link` the `StageLink` to the neighbouring stages (PP > 1);
+        `train_loader` the micro-batches this stage reads (None: it reads none, it gets activations);
+        `checkpoint` an `engine.checkpoint.CheckpointManager` (resume, interval and final saves,
+        preemption), or None."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
+        self.train_loader, self.checkpoint = train_loader, checkpoint
         self.accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, ctx.dims.dp)
         self.state = TrainState()
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
-        self.checkpoint = None  # an engine.checkpoint.CheckpointManager, attached by the recipe
         self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this stage takes micro-batches from the data iterator (see engine.schedules)."""
+        return self.train_loader is not None
 
     def train_step(self, data_iter) -> dict:
         """One optimizer step over `accum` micro-batches (1F1B over the pipeline stages when PP > 1)."""
@@ -65,7 +65,7 @@ class Trainer:
         autocast = (lambda: self.precision.autocast(self.ctx.device)) if self.precision else None
         run = forward_backward(model=self.model, forward_step=self.forward_step, data_iter=data_iter,
                                num_micro_batches=self.accum, link=self.link, optimizer=self.optimizer,
-                               loss_scale=scale, autocast=autocast)
+                               loss_scale=scale, autocast=autocast, reads_data=self.reads_data)
         result = self.optimizer.step()  # DP gradient sync, unscale, inf check, clip, update
         if result.skipped:
             self._skip_nonfinite(result.grad_norm)
@@ -103,11 +103,14 @@ class Trainer:
                 "check the data, or use bf16"
             )
 
-    def fit(self, data_iter) -> dict:
-        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end."""
+    def fit(self, data_iter=None) -> dict:
+        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end.
+        `data_iter` defaults to the train loader's batches (after resume has restored its position)."""
         cfg, last_eval, ckpt = self.cfg, {}, self.checkpoint
         if ckpt is not None:
             ckpt.resume(self)  # step, weights, optimizer, schedule, RNG and data position
+        if data_iter is None:
+            data_iter = iter(self.train_loader) if self.reads_data else NoDataOnThisStage(self.ctx.pp_rank)
         log.info("training %d steps: global batch %d = micro %d x DP %d x accumulation %d",
                  cfg.max_steps, cfg.global_batch_size, cfg.micro_batch_size, self.ctx.dims.dp, self.accum)
         window_start, window_samples, window_tokens = time.time(), 0, 0
@@ -141,3 +144,16 @@ class Trainer:
             ckpt.at_end(self)
         self.progress.close()
         return last_eval
+
+
+class NoDataOnThisStage:
+    """The data iterator of a pipeline stage that reads no data: using it is a schedule bug."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise RuntimeError(f"pipeline stage {self.stage} reads no data; its model family gave it no train loader")

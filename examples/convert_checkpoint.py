@@ -48,7 +48,8 @@ def experiment_config(model_cfg, config_file: str | None = None, overrides=()):
 
     from conversion.clip_layout import expected_clip_shapes
     from engine.config import ConfigError, _dotlist_value, load_config, parse_overrides
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     model_overrides = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
     other = [o for o in overrides if o not in model_overrides]

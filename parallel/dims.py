@@ -25,10 +25,8 @@ class ParallelDims:
             raise ParallelLayoutError(
                 f"world size {self.world_size} is not divisible by tensor_model_parallel_size={self.tp} x "
                 f"pipeline_model_parallel_size={self.pp} = {model_parallel}. Launch a multiple of "
-                f"{model_parallel} processes, e.g. `torchrun --nproc_per_node={model_parallel} "
-                f"examples/pretrain_clip.py tensor_model_parallel_size={self.tp}"
-                + (f" pipeline_model_parallel_size={self.pp}" if self.pp > 1 else "")
-                + "`, or lower the parallel sizes."
+                f"{model_parallel} processes (torchrun --nproc_per_node={model_parallel}), or lower the "
+                "parallel sizes."
             )
 
     @property

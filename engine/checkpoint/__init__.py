@@ -12,7 +12,11 @@ numbers), so a converter to megatron's format is a renaming.
   preemption (see `preemption.py` for the exit behaviour).
 - `state`: what goes in (model, optimizer moments and master weights, RNG, data position).
 - `layout`: canonical names and boxes; `storage`: the on-disk form and the commit protocol.
-- `tools`: write/read model-only checkpoints, `inspect`, offline `reshard` (TP/PP/dtype).
+- `tools`: write/read model-only checkpoints, `inspect`, offline `reshard` (TP/PP/dtype), for any
+  registered model family (the checkpoint names its family).
+- `key_map`: model weights through a `KeyMap` (renames, allowed missing/unused names): TE <-> local
+  layers, base weights into LoRA layers, a model assembled from several checkpoints.
 """
+from engine.checkpoint.key_map import KeyMap, load_model_weights  # noqa: F401
 from engine.checkpoint.manager import CheckpointManager, load_into  # noqa: F401
-from engine.checkpoint.storage import CheckpointError  # noqa: F401
+from engine.checkpoint.storage import Boxes, CheckpointError  # noqa: F401

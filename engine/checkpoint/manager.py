@@ -117,10 +117,15 @@ def verify_collectively(path: str, checksums: bool, group) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, cfg, ctx=None, *, install_signals: bool = True):
-        """`cfg` is the `ExperimentConfig` (saved whole into each checkpoint); `ctx` the
-        `ParallelContext` (None: one process)."""
+    def __init__(self, cfg, ctx=None, *, family: str = "clip", extra_state: dict | None = None,
+                 init_key_map=None, install_signals: bool = True):
+        """`cfg` is the family's experiment config (saved whole into each checkpoint); `ctx` the
+        `ParallelContext` (None: one process); `family` the registered family name (the offline
+        tools rebuild its model); `extra_state` the family's {name: Stateful} saved beside the model
+        (see `engine.family.TrainingParts.extra_state`); `init_key_map` how `checkpoint.init_from`
+        names map onto the model (see `engine.checkpoint.key_map`)."""
         self.cfg, self.ck = cfg, cfg.checkpoint
+        self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
         self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
         self.io_group = dist.new_group(backend="gloo") if _dist() else None
@@ -137,7 +142,19 @@ class CheckpointManager:
 
     # -- the trainer's hooks ------------------------------------------------------------------------
     def resume(self, trainer) -> str | None:
-        """Load per `checkpoint.resume`: auto (the latest under `dir`, if any), none, or a path."""
+        """Load per `checkpoint.resume`: auto (the latest under `dir`, if any), none, or a path. With
+        nothing to resume, `checkpoint.init_from` (model weights only) initialises the model."""
+        path = self._resume(trainer)
+        if path is None and self.ck.init_from:
+            from engine.checkpoint.key_map import load_model_weights
+
+            load_model_weights(self.ck.init_from, trainer.model, self.place, self.init_key_map, group=self.io_group,
+                               checksums=self.ck.verify_checksums)
+            trainer.optimizer.after_checkpoint_load(master_loaded=False)  # master weights from the loaded ones
+            self.loaded_from = self.ck.init_from
+        return path
+
+    def _resume(self, trainer) -> str | None:
         choice = self.ck.resume
         if choice in (None, "", "none", "None"):
             if _rank() == 0 and list_complete(self.root):
@@ -227,8 +244,12 @@ class CheckpointManager:
         table.update(opt_table)
         entries[self.place.rng_key] = st.capture_rng()
         loader = getattr(trainer, "train_loader", None)
+        # Every data-reading stage of a replica reads the same stream: the first stage's copy is kept.
         if self.place.pp_rank == 0 and loader is not None and hasattr(loader, "state_dict"):
             entries[self.place.data_key] = loader.state_dict()
+        extra_entries, extra_table = st.extra_entries(self.extra_state)
+        entries.update(extra_entries)
+        table.update(extra_table)
         return st.to_cpu(entries), table
 
     def _meta(self, trainer, everyone: list, reason: str) -> dict:
@@ -241,11 +262,13 @@ class CheckpointManager:
             objects.update(part["objects"])
         s, optimizer = trainer.state, trainer.optimizer
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "step": s.step, "samples_seen": s.samples_seen,
+            "format": FORMAT, "version": FORMAT_VERSION, "family": self.family, "step": s.step,
+            "samples_seen": s.samples_seen,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason, "torch": torch.__version__,
             "layout": {**self.place.layout(), "world_size": _world()},
             "contents": ["model", "optimizer", "scheduler", "trainer", "rng"]
-            + (["data"] if any(o.startswith("data/") for o in objects) else []),
+            + (["data"] if any(o.startswith("data/") for o in objects) else [])
+            + (["extra"] if any(k.startswith(st.EXTRA) for k in list(tables) + list(objects)) else []),
             "optimizer": {"type": type(optimizer).__name__, "name": self.cfg.optim.name,
                           "step": optimizer.checkpoint_step, "loss_scaler": optimizer.loss_scaler.state_dict()},
             "scheduler": trainer.scheduler.state_dict(),
@@ -295,7 +318,7 @@ class CheckpointManager:
         start = time.time()
         meta = load_into(path, self.place, trainer.model, trainer.optimizer, load_optimizer=self.ck.load_optimizer,
                          group=self.io_group, checksums=self.ck.verify_checksums,
-                         loader=getattr(trainer, "train_loader", None), cfg=self.cfg)
+                         loader=getattr(trainer, "train_loader", None), cfg=self.cfg, extra_state=self.extra_state)
         contents = meta["contents"]
         if "trainer" in contents:
             s, saved = trainer.state, meta["trainer"]
@@ -313,10 +336,11 @@ class CheckpointManager:
 
 
 def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_optimizer: bool = True, group=None,
-              checksums: bool = True, loader=None, cfg=None) -> dict:
+              checksums: bool = True, loader=None, cfg=None, extra_state: dict | None = None) -> dict:
     """Collective: model weights (always), optimizer state (when `load_optimizer` and the checkpoint
     has it; otherwise the optimizer only re-derives its master copy from the loaded weights), RNG
-    (same layout only) and data position (same DP size) from `path`."""
+    (same layout only), data position (same DP size; into every stage that reads data) and the
+    family's extra state from `path`."""
     meta = read_json(os.path.join(path, META_FILE), "checkpoint description")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{os.path.join(path, META_FILE)}: not a {FORMAT} checkpoint")
@@ -343,16 +367,18 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
         meta["layout"]["data_parallel_size"] == place.dp_size
     if "rng" in contents and same_layout and place.rng_key in meta["objects"]:
         target.add_object(place.rng_key)
-    want_data = loader is not None and place.pp_rank == 0 and place.data_key in meta.get("objects", [])
+    want_data = loader is not None and place.data_key in meta.get("objects", [])
     if want_data:
         target.add_object(place.data_key)
+    extra_loads = st.add_extra(target, extra_state or {}, meta) if "extra" in contents else {}
     read_state(path, target.entries, group=group)
     target.finish()
+    st.finish_extra(extra_loads, target)
     if optimizer is not None:
         if with_optimizer:
             optimizer.checkpoint_step = meta["optimizer"]["step"]
         optimizer.after_checkpoint_load(master_loaded=master)
-    if loader is not None and "data" in contents and place.pp_rank == 0:
+    if loader is not None and "data" in contents:
         if want_data:
             state = dict(target.entries[place.data_key])
             if meta["layout"]["data_parallel_size"] != place.dp_size:

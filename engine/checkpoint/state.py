@@ -8,7 +8,10 @@ Keys on disk (tensors are `Boxes` of canonical tensors, see `layout.py`):
     optim/exp_avg_sq/<name>      Adam's second moment (fp32), per parameter
     optim/master/<name>          fp32 master weights, when they differ from the parameters (bf16/fp16 O2)
     rng/pp<p>_tp<t>_dp<d>        one rank's Python, NumPy, torch CPU/CUDA and megatron tracker states
-    data/dp<d>                   one data-parallel replica's pipeline position (first pipeline stage)
+    data/dp<d>                   one data-parallel replica's pipeline position (saved by the first
+                                 pipeline stage, restored into every stage that reads data)
+    extra/<name>/<key>           a family's extra state (`TrainingParts.extra_state`): `Boxes` of a
+                                 canonical tensor (e.g. per-sample state sharded over DP) or objects
 
 Both optimizers (the replicated torch AdamW and the flat ZeRO-1 `FlatAdamW`) export and import the
 same per-parameter tensors, so a checkpoint moves between them and between DP sizes; scalars (Adam's
@@ -33,6 +36,7 @@ from engine.checkpoint.layout import (
 from engine.checkpoint.storage import Boxes, CheckpointError
 
 MODEL, EXP_AVG, EXP_AVG_SQ, MASTER = "model/", "optim/exp_avg/", "optim/exp_avg_sq/", "optim/master/"
+EXTRA = "extra/"
 OPTIM_KINDS = {"exp_avg": EXP_AVG, "exp_avg_sq": EXP_AVG_SQ, "master": MASTER}
 
 
@@ -237,3 +241,50 @@ def restore_rng(state: dict) -> None:
     from parallel.random import set_rng_state
 
     set_rng_state(state)
+
+
+# -- a family's extra state -------------------------------------------------------------------------
+def _extra_items(extra_state: dict):
+    for name, obj in sorted(extra_state.items()):
+        state = obj.state_dict()
+        if not isinstance(state, dict):
+            raise CheckpointError(f"extra state {name!r}: state_dict() must return a dict, got {type(state).__name__}")
+        for key, value in state.items():
+            yield name, key, f"{EXTRA}{name}/{key}", value
+
+
+def extra_entries(extra_state: dict) -> tuple[dict, dict]:
+    """{key: Boxes | object} and {key: description} of the family's extra state on this rank."""
+    entries, table = {}, {}
+    for _, _, key, value in _extra_items(extra_state):
+        entries[key] = value
+        if isinstance(value, Boxes):
+            dtype = value.boxes[0][1].dtype if value.boxes else torch.float32
+            table[key] = {"shape": list(value.global_shape), "partition_dim": None, "padded": False,
+                          "dtype": str(dtype).replace("torch.", "")}
+    return entries, table
+
+
+def add_extra(target: LoadTarget, extra_state: dict, meta: dict) -> dict:
+    """Destinations for the extra state this rank holds: Boxes are read in place (into the views its
+    state_dict() returned), objects by key. Returns the plan `finish_extra` hands back."""
+    plan: dict = {}
+    objects = set(meta.get("objects", []))
+    for name, key, full, value in _extra_items(extra_state):
+        if isinstance(value, Boxes):
+            spec = TensorSpec(full, tuple(value.global_shape), (0,) * len(value.global_shape), None, False)
+            target.add(full, spec, list(value.boxes))
+        elif full in objects:
+            target.add_object(full)
+        else:
+            raise CheckpointError(f"{full}: not in the checkpoint (saved without extra state {name!r}?)")
+        plan.setdefault(name, (extra_state[name], {}))[1][key] = (full, value)
+    return plan
+
+
+def finish_extra(plan: dict, target: LoadTarget) -> None:
+    """After the read: give each extra-state object its entries (Boxes: the views now holding the
+    loaded values; objects: what was read)."""
+    for obj, keys in plan.values():
+        obj.load_state_dict({key: value if isinstance(value, Boxes) else target.entries[full]
+                             for key, (full, value) in keys.items()})

@@ -67,22 +67,22 @@ def single_process_parallel_state():
             dist.destroy_process_group()
 
 
-def reference_specs(model_cfg) -> tuple[dict[str, TensorSpec], list[str], dict]:
-    """TP=1/PP=1 layout of a CLIP model config without allocating it: {state-dict key: spec},
-    the non-tensor (extra state) keys, and {key: dtype}."""
-    from models.clip.model import CLIPModel
+def checkpoint_family(meta: dict):
+    """The model family that wrote a checkpoint (checkpoints from before families were CLIP's)."""
+    from engine.family import get_family
 
+    return get_family(meta.get("family", "clip"))
+
+
+def reference_specs(family, model_cfg) -> tuple[dict[str, TensorSpec], list[str], dict]:
+    """TP=1/PP=1 layout of `family`'s model for `model_cfg` without allocating it: {state-dict
+    key: spec}, the non-tensor (extra state) keys, and {key: dtype}."""
     with single_process_parallel_state(), torch.device("meta"):
-        model = CLIPModel(model_cfg, use_cpu_initialization=True)
+        model = family.reference_model(model_cfg)
     specs = tensor_specs(model, 0, 1)
     state = model.state_dict()
     extra = [k for k, v in state.items() if not torch.is_tensor(v)]
     return specs, extra, {k: v.dtype for k, v in state.items() if torch.is_tensor(v)}
-
-
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def _resize(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -95,13 +95,11 @@ def _resize(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)
 
 
-def _config_from_yaml(text: str):
+def _config_from_yaml(text: str, family):
     from omegaconf import OmegaConf
 
-    from engine.schema import ExperimentConfig
-
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text)))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.config_cls), OmegaConf.create(text)))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"the checkpoint's config does not fit this engine's schema: {exc}") from exc
 
@@ -149,12 +147,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # -- model-only checkpoints ------------------------------------------------------------------------
 def write_model_checkpoint(out_dir: str, cfg, full_state_dict: dict) -> str:
-    """Write `full_state_dict` (a TP=1/PP=1 `CLIPModel.state_dict()` for `cfg.model`) as a
-    model-only checkpoint directory `out_dir` (must not exist or be empty). `checkpoint.resume=<out_dir>`
-    then starts training from these weights at any layout (fresh optimizer, step 0). Returns the path."""
+    """Write `full_state_dict` (the TP=1/PP=1 model's state dict for `cfg.model`; `cfg` is a
+    registered family's experiment config) as a model-only checkpoint directory `out_dir` (must not
+    exist or be empty). `checkpoint.resume=<out_dir>` then starts training from these weights at any
+    layout (fresh optimizer, step 0). Returns the path."""
     from engine.config import to_yaml
+    from engine.family import family_of_config
 
-    specs, extra, _ = reference_specs(cfg.model)
+    family = family_of_config(cfg)
+    specs, extra, _ = reference_specs(family, cfg.model)
     tensors = {k: v for k, v in full_state_dict.items() if torch.is_tensor(v)}
     missing = sorted(set(specs) - set(tensors))
     unexpected = sorted(k for k in tensors if k not in specs)
@@ -173,7 +174,8 @@ def write_model_checkpoint(out_dir: str, cfg, full_state_dict: dict) -> str:
     tmp = _new_output(out_dir)
     try:
         _write_dcp(tmp, entries)
-        meta = {"format": storage.FORMAT, "version": storage.FORMAT_VERSION, "step": 0, "samples_seen": 0,
+        meta = {"format": storage.FORMAT, "version": storage.FORMAT_VERSION, "family": family.name, "step": 0,
+                "samples_seen": 0,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": "write_model_checkpoint",
                 "torch": torch.__version__, "layout": {**Placement().layout(), "world_size": 1},
                 "contents": ["model"], "tensors": dict(sorted(table.items())), "extra_state_keys": sorted(extra),
@@ -185,18 +187,18 @@ def write_model_checkpoint(out_dir: str, cfg, full_state_dict: dict) -> str:
 
 
 def read_model_checkpoint(path: str) -> tuple:
-    """(cfg, full_state_dict): the checkpoint's `ExperimentConfig` and a TP=1/PP=1
-    `CLIPModel.state_dict()` (vocab padding as at TP=1, megatron's `_extra_state` keys as None)."""
+    """(cfg, full_state_dict): the checkpoint's experiment config (of the family that wrote it) and
+    the TP=1/PP=1 model's state dict (vocab padding as at TP=1, megatron's `_extra_state` keys as None)."""
     reader = CheckpointReader(path)
-    cfg = _config_from_yaml(reader.meta["config_yaml"])
-    text = cfg.model.text
+    family = checkpoint_family(reader.meta)
+    cfg = _config_from_yaml(reader.meta["config_yaml"], family)
     full = {}
     for key in reader.keys(MODEL):
         name, info = key[len(MODEL):], reader.tensors[key]
         tensor = reader.read_tensor(key)
         if info.get("padded"):
             dim = info["partition_dim"] or 0
-            tensor = _resize(tensor, dim, padded_vocab(text.vocab_size, text.make_vocab_size_divisible_by, 1))
+            tensor = _resize(tensor, dim, family.vocab_rows(cfg.model, 1))
         full[name] = tensor
     for key in reader.meta.get("extra_state_keys", []):
         full[key] = None
@@ -293,17 +295,12 @@ def reshard_checkpoint(src: str, dst: str, tensor_model_parallel_size: int, pipe
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
     reader = CheckpointReader(src)
     meta = dict(reader.meta)
-    cfg = _config_from_yaml(meta["config_yaml"])
-    for name in ("vision", "text"):
-        tower = getattr(cfg.model, name)
-        for key, value in (("num_attention_heads", tower.num_attention_heads), ("ffn_hidden_size", tower.ffn_hidden_size)):
-            if value % tp:
-                raise ValueError(f"model.{name}.{key}={value} is not divisible by tensor_model_parallel_size={tp}")
-        if tower.num_layers % pp:
-            raise ValueError(f"model.{name}.num_layers={tower.num_layers} is not divisible by "
-                             f"pipeline_model_parallel_size={pp}")
-    text = cfg.model.text
-    vocab_rows = padded_vocab(text.vocab_size, text.make_vocab_size_divisible_by, tp)
+    family = checkpoint_family(meta)
+    cfg = _config_from_yaml(meta["config_yaml"], family)
+    problems = family.check_layout(cfg, tp, pp)
+    if problems:
+        raise ValueError(f"cannot reshard to TP={tp} PP={pp}: " + "; ".join(problems))
+    vocab_rows = family.vocab_rows(cfg.model, tp) if family.vocab_rows is not None else None
     old_dtype = None
     keys = list(reader.tensors)
     has_master = any(k.startswith(MASTER) for k in keys)

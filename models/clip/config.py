@@ -1,8 +1,13 @@
-"""CLIP model configuration, with NeMo's key names (model.vision.*, model.text.*)."""
+"""CLIP's configuration: the model (NeMo's key names, model.vision.*, model.text.*), its data and
+evaluation sections, and the experiment that adds them to the engine's generic sections."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
+
+from data.config import TokenizerConfig
+from engine.config_checks import at_least, greater_than, one_of, pair_in
+from engine.schema import ExperimentConfig, TrainerConfig
 
 
 @dataclass
@@ -82,3 +87,69 @@ class CLIPConfig:
     megatron_amp_O2: bool = False  # with bf16/fp16: low-precision params, fp32 master weights and grads
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The compositional shapes data set written when `data.train_shards` is empty."""
+
+    out_dir: str = "data_cache/shapes"
+    num_train: int = 20000
+    num_eval: int = 1000
+    image_size: int = 64
+    samples_per_shard: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class CLIPDataConfig:
+    train_shards: Optional[str] = None  # brace pattern, glob, directory; None = synthetic data
+    eval_shards: Optional[str] = None
+    classes_file: Optional[str] = None  # zero-shot class names and prompt templates (json)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    random_crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
+
+
+@dataclass
+class CLIPEvalConfig:
+    zero_shot: bool = True
+    retrieval: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class CLIPExperimentConfig(ExperimentConfig):
+    """One CLIP pre-training experiment (`configs/clip/*.yaml` mirror it 1:1)."""
+
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="runs/clip"))
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
+    eval: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
+
+    RULES: ClassVar[list] = [
+        ("model.attention_backend", one_of("sdpa", "flash", "te")),
+        ("model.*.activation", one_of("gelu", "quick_gelu", "silu")),
+        ("model.*.activations_checkpoint_granularity", one_of("full", "selective")),
+        ("model.*.activations_checkpoint_method", one_of("uniform", "block")),
+        ("model.*.activations_checkpoint_num_layers", at_least(1, integer=True)),
+        ("model.*output_dim", at_least(1, integer=True)),
+        ("model.max_logit_scale", greater_than(0)),
+        ("model.vision.class_token_length", at_least(0, integer=True)),
+        ("model.vision.patch_dim", at_least(1, integer=True)),
+        ("model.vision.img_*", at_least(1, integer=True)),
+        ("model.vision.num_channels", at_least(1, integer=True)),
+        ("model.text.vocab_size", at_least(1, integer=True)),
+        ("model.text.encoder_seq_length", at_least(2, integer=True)),
+        ("model.text.make_vocab_size_divisible_by", at_least(1, integer=True)),
+        ("data.tokenizer.type", one_of("sentencepiece", "clip_bpe")),
+        ("data.tokenizer.vocab_size", at_least(8, integer=True)),
+        ("data.shuffle_buffer", at_least(0, integer=True)),
+        ("data.random_crop_scale", pair_in(0.0, 1.0, ascending=True, open_low=True)),
+        ("data.synthetic.num_train", at_least(1, integer=True)),
+        ("data.synthetic.num_eval", at_least(0, integer=True)),
+        ("data.synthetic.image_size", at_least(8, integer=True)),
+        ("data.synthetic.samples_per_shard", at_least(1, integer=True)),
+    ]

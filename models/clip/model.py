@@ -93,7 +93,7 @@ class CLIPModel(torch.nn.Module):
     def _single_stage(self, what: str) -> None:
         if not (self.pre_process and self.post_process):
             raise RuntimeError(f"CLIPModel.{what} runs the whole model; under pipeline parallelism use "
-                               "engine.schedules (training) or engine.pipeline_eval (encoding)")
+                               "engine.schedules (training) or models.clip.family.pipelined_encoders (encoding)")
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         self._single_stage("encode_image")
@@ -104,6 +104,14 @@ class CLIPModel(torch.nn.Module):
         self._single_stage("encode_text")
         features = self.stage_forward(tokens=tokens)["text_features"]
         return normalize_features(features) if normalize else features
+
+    # Not decayed (open_clip / CLIP practice): gains and biases of norms, all biases, embeddings
+    # and learned positions, class tokens, and the temperature.
+    NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale", "norm", "ln_")
+
+    def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
+        """The optimizer's weight-decay policy for this model (engine.optim)."""
+        return param.ndim < 2 or any(part in name for part in self.NO_DECAY_NAME_PARTS)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as open_clip (max 100) to keep the softmax from collapsing."""

@@ -141,5 +141,8 @@ def make_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # megatron's default "full" is deprecated and warns on every config (every rank, every
+        # tower); the empty list is what it maps "full" to.
+        cuda_graph_scope=[],
         **extra,
     )

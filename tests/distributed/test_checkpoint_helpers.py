@@ -35,8 +35,9 @@ def run_recipe(overrides: list[str], stop_at: int | None = None):
     import torch
 
     from engine.config import load_config
-    from engine.recipes.clip import build_trainer
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.run import build_trainer
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
     from parallel.context import initialize_parallel
     from parallel.tp_sharding import gather_full_state_dict
 
@@ -44,7 +45,7 @@ def run_recipe(overrides: list[str], stop_at: int | None = None):
     par = cfg.parallel
     ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
                               seed=cfg.trainer.seed)
-    trainer, data_iter = build_trainer(cfg, ctx)
+    trainer = build_trainer(cfg, ctx, "clip")
     if stop_at is not None:
         step_fn = trainer.forward_step
 
@@ -54,7 +55,7 @@ def run_recipe(overrides: list[str], stop_at: int | None = None):
             return step_fn(*args, **kwargs)
 
         trainer.forward_step = forward_step
-    trainer.fit(data_iter)
+    trainer.fit()
     trainer.checkpoint.close()
     params = gather_full_state_dict(trainer.model, ctx.tp_group)
     return {"history": list(trainer.state.history), "step": trainer.state.step, "preempted": trainer.preempted,
@@ -89,7 +90,7 @@ def reshard_overrides(shapes_dir: str, tp: int, pp: int, world: int, optimizer: 
     dp = world // (tp * pp)
     keep = [o for o in recipe_overrides("unused", shapes_dir, tp, optimizer) if not o.startswith(
         ("trainer.micro_batch_size", "trainer.global_batch_size", "model.vision.hidden_dropout",
-         "model.text.attention_dropout", "trainer.output_dir"))]
+         "model.text.attention_dropout", "trainer.output_dir", "model.vision.num_layers", "model.text.num_layers"))]
     return keep + [f"pipeline_model_parallel_size={pp}", f"trainer.micro_batch_size={GLOBAL_BATCH // dp}",
                    f"trainer.global_batch_size={GLOBAL_BATCH}", "model.vision.num_layers=4", "model.text.num_layers=4"]
 
@@ -100,8 +101,9 @@ def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_bef
     `out_dir`/checkpoints; train `train_after` more steps. Returns the losses and the saved path.
     Batches follow the step count (or start at `batch_step`)."""
     from engine.config import load_config
-    from engine.recipes.clip import build_trainer
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.run import build_trainer
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
     from parallel.context import initialize_parallel
 
     overrides = overrides + [f"trainer.output_dir={out_dir}", f"checkpoint.resume={resume or 'none'}"]
@@ -109,7 +111,7 @@ def run_layout(overrides: list[str], out_dir: str, resume: str | None, train_bef
     par = cfg.parallel
     ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
                               seed=cfg.trainer.seed)
-    trainer, _ = build_trainer(cfg, ctx)
+    trainer = build_trainer(cfg, ctx, "clip")
     manager = trainer.checkpoint
     manager.resume(trainer)
     batches = fixed_batches(cfg, ctx.dp_rank, ctx.dims.dp, trainer.state.step if batch_step is None else batch_step)

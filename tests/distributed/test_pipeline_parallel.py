@@ -30,7 +30,7 @@ def _config():
 def _run(tp: int, pp: int, sequence_parallel: bool, full_state: dict | None, micro_batch: int = MICRO_BATCH):
     from functools import partial
 
-    from engine.recipes.clip import clip_forward_step
+    from models.clip.family import clip_forward_step
     from engine.schedules import forward_backward
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel

@@ -8,7 +8,7 @@ import torch
 from engine.checkpoint import CheckpointError
 from engine.checkpoint.reader import CheckpointReader
 from engine.checkpoint.tools import inspect_checkpoint, read_model_checkpoint, reshard_checkpoint, write_model_checkpoint
-from engine.schema import ExperimentConfig
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 from tests.distributed.clip_fixtures import tiny_clip_config
 
 
@@ -110,7 +110,7 @@ def test_tools_run_without_torch_distributed(tmp_path):
         import torch, torch.distributed as dist
         from engine.checkpoint.tools import (inspect_checkpoint, read_model_checkpoint, reshard_checkpoint,
                                              single_process_parallel_state, write_model_checkpoint)
-        from engine.schema import ExperimentConfig
+        from models.clip.config import CLIPExperimentConfig as ExperimentConfig
         from models.clip.model import CLIPModel
         from tests.distributed.clip_fixtures import tiny_clip_config
         cfg = ExperimentConfig(model=tiny_clip_config())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.schema import ExperimentConfig
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 from models.clip.model import CLIPModel, count_parameters
 
 # size file: (vision M, text M) as printed in the table, and which of them follow from its dimensions.

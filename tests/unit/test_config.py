@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from engine.config import ConfigError, load_config, schema_keys, split_config_arg
-from engine.schema import BARE_KEYS, ExperimentConfig
+from engine.schema import BARE_KEYS
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
 
 def _load(file=None, overrides=()):

@@ -243,7 +243,8 @@ def test_sbatch_requeued_job_resumes_from_the_same_checkpoints(tmp_path):
 
 def test_sbatch_python_arguments_are_valid_config(tmp_path):
     from engine.config import load_config, split_config_arg
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     proc, log = _start_sbatch(tmp_path, 0.1, "srun", "tensor_model_parallel_size=2")
     rc, out = _finish(proc)

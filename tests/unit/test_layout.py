@@ -2,8 +2,10 @@
 import pytest
 
 from engine.config import load_config
+from engine.family import get_family
 from engine.layout import validate_layout
-from engine.schema import BARE_KEYS, ExperimentConfig
+from engine.schema import BARE_KEYS
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 from parallel.dims import ParallelLayoutError
 
 
@@ -12,7 +14,7 @@ def _cfg(*overrides):
 
 
 def test_valid_pipeline_layout():
-    dims = validate_layout(_cfg("pipeline_model_parallel_size=2", "trainer.micro_batch_size=32"), world_size=4)
+    dims = validate_layout(_cfg("pipeline_model_parallel_size=2", "trainer.micro_batch_size=32"), 4, get_family("clip"))
     assert (dims.tp, dims.pp, dims.dp) == (1, 2, 2)
 
 
@@ -25,4 +27,4 @@ def test_valid_pipeline_layout():
 ])
 def test_bad_layouts_name_the_key(overrides, world, message):
     with pytest.raises(ParallelLayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate_layout(_cfg(*overrides), world_size=world)
+        validate_layout(_cfg(*overrides), world, get_family("clip"))

@@ -1,4 +1,5 @@
-"""CLIP pre-training: data, tokenizer, model, loss and evaluation from one `ExperimentConfig`."""
+"""The CLIP family: data, tokenizer, model, loss and evaluation from one `CLIPExperimentConfig`,
+registered with the engine as `CLIP` (see `engine.family`)."""
 from __future__ import annotations
 
 import json
@@ -14,17 +15,17 @@ from data.pipeline import build_clip_dataloader, expand_shards
 from data.synthetic import generate_shapes_dataset, read_captions
 from data.tokenizers import Tokenizer, build_tokenizer
 from data.transforms import build_image_transform
-from engine.checkpoint import CheckpointManager
 from engine.evaluation import (
     class_embeddings,
     collect_features,
     retrieval_recall,
     zero_shot_accuracy,
 )
-from engine.optim import WarmupCosineSchedule, build_optimizer
-from engine.precision import PrecisionPlan, plan_precision
+from engine.family import ModelFamily, TrainingParts
+from engine.layout import check_divides
+from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
-from engine.trainer import Trainer
+from models.clip.config import CLIPExperimentConfig
 from models.clip.loss import ContrastiveLoss
 from models.clip.model import CLIPModel, count_parameters, normalize_features
 from models.common.attention import announce_attention_backend
@@ -174,63 +175,151 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData, link: StageLink | N
     return evaluate
 
 
-def build_trainer(cfg, ctx):
-    """Everything a CLIP run needs; returns (trainer, train data iterator)."""
+def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
+    """This rank's share of a CLIP run: the stage's model, its loss, the data it reads (the first
+    pipeline stage only: later stages get activations, and the loss needs no labels) and evaluation."""
     data = prepare_data(cfg, ctx)
-    rss_before_model = current_rss_bytes()
-    precision = plan_precision(cfg.trainer.precision, cfg.model.megatron_amp_O2, ctx.device)
     model = build_model(cfg, ctx, data.tokenizer, precision)
-    optimizer = build_optimizer(model, cfg.optim, dp_group=ctx.dp_group, model_parallel_group=ctx.model_parallel_group,
-                                max_grad_norm=cfg.trainer.gradient_clip_val,
-                                master_weights=precision.needs_master_weights,
-                                loss_scaler=precision.loss_scaler(cfg.trainer.loss_scaler))
-    if ctx.is_logging_rank:
-        log.info("precision %s%s, optimizer %s (%s), optimizer state %.1f MB on this rank", precision.name,
-                 " O2" if precision.o2 else "", cfg.optim.name, type(optimizer).__name__, optimizer.state_bytes() / 2**20)
-    sched = cfg.optim.sched
-    scheduler = WarmupCosineSchedule(optimizer, cfg.optim.lr, sched.warmup_steps, cfg.trainer.max_steps,
-                                     sched.min_lr, sched.name)
     loss_fn = ContrastiveLoss(cfg.model.local_loss, cfg.model.gather_with_grad, group=ctx.dp_group)
-    vision = cfg.model.vision
-    train_loader = build_clip_dataloader(
-        data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
-        tokenizer=data.tokenizer,
-        image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
-                                              std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
-        context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
-    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
-    trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
-                      partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data, link),
-                      precision=precision, link=link)
-    trainer.train_loader = train_loader
-    trainer.checkpoint = CheckpointManager(cfg, ctx)  # resume, interval/final saves, preemption
-    trainer.rss_before_model = rss_before_model
-    # Only the first pipeline stage reads training data; later stages get the activations.
-    return trainer, iter(train_loader) if model.pre_process else NoDataOnThisStage(ctx.pp_rank)
+    train_loader = None
+    if model.pre_process:
+        vision = cfg.model.vision
+        train_loader = build_clip_dataloader(
+            data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
+            tokenizer=data.tokenizer,
+            image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
+                                                  std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
+            context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
+    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
+    return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device),
+                         train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link),
+                         summary=partial(data_totals, ctx, train_loader))
 
 
-class NoDataOnThisStage:
-    """The data iterator of a pipeline stage that does not read data: using it is a schedule bug."""
-
-    def __init__(self, stage: int):
-        self.stage = stage
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        raise RuntimeError(f"pipeline stage {self.stage} reads no data; only the first stage does")
+def data_totals(ctx, train_loader) -> dict:
+    """Samples read and skipped, and shard reads skipped, summed over data-parallel replicas
+    (collective; the TP ranks of a replica read the same shards, so one of them counts)."""
+    stats = train_loader.stats if train_loader is not None and ctx.tp_rank == 0 else None
+    counts = torch.tensor([stats.samples_seen, stats.samples_skipped, stats.shards_skipped] if stats else [0, 0, 0],
+                          dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(counts)
+    seen, skipped, shards = (int(v) for v in counts.tolist())
+    return {"data_samples_read": seen, "data_samples_skipped": skipped, "data_shard_reads_skipped": shards}
 
 
-def current_rss_bytes() -> int:
-    import psutil
+def preflight(cfg) -> list[str]:
+    """What can be checked before any process group exists: the shards, class list and tokenizer a
+    run with user data needs (with the command that makes a tokenizer when there is none), and a
+    warning when zero-shot evaluation would find no labels."""
+    from data.train_tokenizer import REQUIREMENTS
 
-    return psutil.Process().memory_info().rss
+    data, problems = cfg.data, []
+    if data.train_shards is None:
+        return problems  # the synthetic set brings its own shards, classes and tokenizer
+    for key in ("train_shards", "eval_shards"):
+        spec = getattr(data, key)
+        if spec is not None:
+            try:
+                expand_shards(spec)
+            except FileNotFoundError as exc:
+                problems.append(f"data.{key}: {exc}")
+    if data.classes_file is not None and not os.path.isfile(data.classes_file):
+        problems.append(f"data.classes_file={data.classes_file}: no such file")
+    tok = data.tokenizer
+    if tok.path is None:
+        if tok.type == "sentencepiece":
+            problems.append("data.tokenizer.path is required with user shards (a tokenizer is trained only for the "
+                            f"synthetic data): {REQUIREMENTS}, or use data.tokenizer.type=clip_bpe with OpenAI's "
+                            "bpe_simple_vocab_16e6.txt.gz")
+        else:
+            problems.append("data.tokenizer.type=clip_bpe needs data.tokenizer.path (bpe_simple_vocab_16e6.txt.gz)")
+    elif not os.path.isfile(tok.path):
+        problems.append(f"data.tokenizer.path={tok.path}: no such file")
+    else:
+        try:
+            build_tokenizer(tok.type, tok.path)
+        except ValueError as exc:
+            problems.append(f"data.tokenizer.path: {exc}")
+    if not problems and cfg.eval.zero_shot and data.classes_file and data.eval_shards:
+        _warn_without_class_index(data.eval_shards, data.classes_file)
+    return problems
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
+def _warn_without_class_index(eval_spec, classes_file: str) -> None:
+    """Zero-shot accuracy needs a `class_index` in the eval samples' json; say so up front."""
+    import tarfile
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first = expand_shards(eval_spec)[0]
+    try:
+        with tarfile.open(first) as tar:
+            member = next((m for m in tar if m.isfile() and m.name.endswith(".json")), None)
+            sample = json.load(tar.extractfile(member)) if member is not None else None
+    except (OSError, tarfile.TarError, ValueError):
+        return  # the pipeline names unreadable shards when it gets there
+    if sample is None or "class_index" not in sample:
+        log.warning("zero-shot evaluation is off: data.classes_file=%s is set, but the eval shards' json (first "
+                    "sample of %s) has no 'class_index' field; add it to each sample's json to get zero-shot "
+                    "accuracy (retrieval still runs)", classes_file, first)
+
+
+def check_layout(cfg, tp: int, pp: int) -> list[str]:
+    """Heads and FFN width of both towers by TP; each tower's layers by PP (every stage holds the
+    same share of both towers, see models/clip/model.py)."""
+    problems = []
+    for name in ("vision", "text"):
+        tower = getattr(cfg.model, name)
+        key = f"model.{name}"
+        check_divides(problems, f"{key}.num_attention_heads", tower.num_attention_heads,
+                      "tensor_model_parallel_size", tp)
+        check_divides(problems, f"{key}.ffn_hidden_size", tower.ffn_hidden_size, "tensor_model_parallel_size", tp)
+        check_divides(problems, f"{key}.num_layers", tower.num_layers, "pipeline_model_parallel_size", pp)
+    return problems
+
+
+def reference_model(model_cfg) -> CLIPModel:
+    return CLIPModel(model_cfg, use_cpu_initialization=True)
+
+
+def vocab_rows(model_cfg, tp: int) -> int:
+    """Rows of the text tower's vocab-parallel embedding at tensor-parallel size `tp`."""
+    multiple = model_cfg.text.make_vocab_size_divisible_by * tp
+    return -(-model_cfg.text.vocab_size // multiple) * multiple
+
+
+# The "To Enable" column of NeMo's CLIP feature table (and NeMo's model.* placement of parallel,
+# batch and optimizer keys): a NeMo user's keys work here, each use logged once.
+NEMO_ALIASES = {
+    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "model.sequence_parallel": "parallel.sequence_parallel",
+    "model.micro_batch_size": "trainer.micro_batch_size",
+    "model.global_batch_size": "trainer.global_batch_size",
+    "model.optim.name": "optim.name",
+    "model.optim.lr": "optim.lr",
+    "model.optim.weight_decay": "optim.weight_decay",
+    "model.optim.betas": "optim.betas",
+    "model.optim.eps": "optim.eps",
+    "model.optim.sched.warmup_steps": "optim.sched.warmup_steps",
+    "model.optim.sched.min_lr": "optim.sched.min_lr",
+    "model.vision.use_flash_attention": "model.use_flash_attention",
+    "model.text.use_flash_attention": "model.use_flash_attention",
+    # The table says "same for model.llm" (NeMo's multimodal docs call the text tower that).
+    "model.llm.use_flash_attention": "model.use_flash_attention",
+    "model.llm.activations_checkpoint_granularity": "model.text.activations_checkpoint_granularity",
+    "model.llm.activations_checkpoint_method": "model.text.activations_checkpoint_method",
+    "model.llm.activations_checkpoint_num_layers": "model.text.activations_checkpoint_num_layers",
+}
+
+CLIP = ModelFamily(
+    name="clip",
+    config_cls=CLIPExperimentConfig,
+    build=build,
+    check_layout=check_layout,
+    reference_model=reference_model,
+    vocab_rows=vocab_rows,
+    entry_point="examples/pretrain_clip.py",
+    config_aliases=NEMO_ALIASES,
+    preflight=preflight,
+    description="CLIP: ViT image tower + causal text tower, contrastive loss (NeMo's size table B/32..e/14)",
+)

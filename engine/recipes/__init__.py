@@ -1,1 +1,0 @@
-"""Per-family glue between configs, data, models and the generic `Trainer`."""

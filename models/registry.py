@@ -1,0 +1,7 @@
+"""Every model family the engine can run: name -> "module:attribute" of its `engine.family.ModelFamily`.
+
+One line per family; modules are imported only when their family is used.
+"""
+FAMILIES = {
+    "clip": "models.clip.family:CLIP",
+}
