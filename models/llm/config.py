@@ -110,3 +110,35 @@ def llm_preset(name: str, **overrides) -> LLMConfig:
         raise ValueError(f"unknown LLM preset {name!r}: use one of {', '.join(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[name])
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def llm_layout_problems(cfg: LLMConfig, tp: int, pp: int) -> list[str]:
+    """Every way TP and PP do not fit this model, each naming its key (for a family's layout check,
+    before any process group exists); empty when the layout works."""
+    problems = []
+
+    def divides(key: str, value: int, degree_key: str, degree: int) -> None:
+        if degree and value % degree:
+            problems.append(f"model.{key}={value} is not divisible by {degree_key}={degree}")
+
+    divides("num_attention_heads", cfg.num_attention_heads, "tensor_model_parallel_size", tp)
+    divides("num_query_groups", cfg.query_groups, "tensor_model_parallel_size", tp)
+    divides("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_model_parallel_size", tp)
+    divides("num_layers", cfg.num_layers, "pipeline_model_parallel_size", pp)
+    if cfg.num_attention_heads % cfg.query_groups:
+        problems.append(f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by "
+                        f"model.num_query_groups={cfg.query_groups}")
+    if cfg.share_embeddings_and_output_weights and pp > 1:
+        problems.append(f"model.share_embeddings_and_output_weights=true with pipeline_model_parallel_size={pp}: "
+                        "untie the embeddings (false) or use pipeline_model_parallel_size=1")
+    try:
+        validate_llm_config(cfg)
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def llm_vocab_rows(cfg: LLMConfig, tp: int) -> int:
+    """Rows of the vocab-parallel embedding / output layer at tensor-parallel size `tp` (full size)."""
+    multiple = cfg.make_vocab_size_divisible_by * tp
+    return -(-cfg.vocab_size // multiple) * multiple

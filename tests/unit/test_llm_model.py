@@ -199,3 +199,18 @@ def test_bf16_parameters_track_fp32(single_rank):
     torch.testing.assert_close(loss_bf16, loss, atol=2e-2, rtol=2e-2)
     assert all(torch.isfinite(g).all() for g in grads_bf16.values())
     assert all(p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_layout_problems_name_every_key():
+    from models.llm.config import llm_layout_problems, llm_vocab_rows
+
+    cfg = llm_preset("llama3-8b")
+    assert llm_layout_problems(cfg, 8, 4) == []
+    problems = llm_layout_problems(cfg, 16, 3)
+    assert problems == ["model.num_query_groups=8 is not divisible by tensor_model_parallel_size=16",
+                        "model.num_layers=32 is not divisible by pipeline_model_parallel_size=3"]
+    assert llm_layout_problems(cfg, 64, 1)[0] == ("model.num_attention_heads=32 is not divisible by "
+                                                  "tensor_model_parallel_size=64")
+    assert "share_embeddings_and_output_weights=true" in llm_layout_problems(llm_preset("llama3.2-1b"), 1, 2)[0]
+    assert llm_vocab_rows(cfg, 1) == 128256 and llm_vocab_rows(llm_preset("tiny", vocab_size=300), 2) == 384
+
