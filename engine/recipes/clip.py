@@ -21,6 +21,7 @@ from engine.evaluation import (
     retrieval_recall,
     zero_shot_accuracy,
 )
+from engine.flops import BatchLayout, clip_flops_per_sample
 from engine.optim import WarmupCosineSchedule, build_optimizer
 from engine.precision import PrecisionPlan, plan_precision
 from engine.schedules import pipelined_forward
@@ -202,7 +203,9 @@ def build_trainer(cfg, ctx):
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler,
                       partial(clip_forward_step, loss_fn, ctx.device), make_eval_fn(cfg, ctx, model, data, link),
-                      precision=precision, link=link)
+                      precision=precision, link=link,
+                      flops_per_sample=clip_flops_per_sample(cfg.model, BatchLayout(
+                          cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)))
     trainer.train_loader = train_loader
     trainer.checkpoint = CheckpointManager(cfg, ctx)  # resume, interval/final saves, preemption
     trainer.rss_before_model = rss_before_model
