@@ -33,14 +33,17 @@ MODELS = {
 LAYOUTS = [(1, 2), (2, 1)]  # (TP, DP) on 2 processes
 
 
+def engine_overrides(model: str, tp: int, dp: int) -> list[str]:
+    batch = MODELS[model]["batch"]
+    return [f"tensor_model_parallel_size={tp}", f"trainer.global_batch_size={batch}",
+            f"trainer.micro_batch_size={batch // dp}", "model.text.vocab_size=49408",
+            "optim.sched.warmup_steps=0", "data.shuffle_buffer=256"]
+
+
 def engine_run(python: str, model: str, tp: int, dp: int, steps: int, warmup: int, shards_dir: str) -> dict:
     spec = MODELS[model]
     batch = spec["batch"]
-    res = run_engine(spec["config"], tp * dp,
-                     [f"tensor_model_parallel_size={tp}", f"trainer.global_batch_size={batch}",
-                      f"trainer.micro_batch_size={batch // dp}", "model.text.vocab_size=49408",
-                      "optim.sched.warmup_steps=0", "data.shuffle_buffer=256"],
-                     steps, warmup, shards_dir, python=python)
+    res = run_engine(spec["config"], tp * dp, engine_overrides(model, tp, dp), steps, warmup, shards_dir, python=python)
     return {"samples_per_s": batch / res["step_time_s"], "step_time_s": res["step_time_s"],
             "steps": len(res["step_times"]), "batch": batch}
 
