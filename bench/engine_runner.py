@@ -39,15 +39,18 @@ def timing_overrides(steps: int, shards_dir: str, output_dir: str, device: str =
 
 def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup: int, shards_dir: str,
                python: str = sys.executable, prefix: tuple = (), env: dict | None = None, device: str = "cpu",
-               timeout: float | None = None) -> dict:
+               timeout: float | None = None, root: str = ROOT) -> dict:
     """Train `steps` steps; return the step times after `warmup`, the logged MFU and peak memory
     (GPU) and the run's final_metrics.json. `prefix` goes before the launch command (a profiler
-    such as `py-spy record ... --`)."""
+    such as `py-spy record ... --`); `root` is the engine checkout to run (another version of it, to
+    compare two versions in one benchmark)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [*prefix, python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               os.path.join(ROOT, "examples/pretrain_clip.py"), "--config", os.path.join(ROOT, config),
+               os.path.join(root, "examples/pretrain_clip.py"), "--config", os.path.join(root, config),
                *timing_overrides(steps, shards_dir, out, device), *overrides]
-        proc = run_process_group(cmd, timeout, cwd=ROOT, env=None if env is None else {**os.environ, **env})
+        env = {**os.environ, **(env or {})}
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = run_process_group(cmd, timeout, cwd=root, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"engine run failed:\n{proc.stderr[-4000:]}")
         with open(os.path.join(out, "final_metrics.json")) as fh:

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from clip_throughput import MODELS, engine_overrides, openclip_dims  # noqa: E402
+from clip_throughput import MODELS, SHARD_SET, engine_overrides, openclip_dims  # noqa: E402
 from engine_runner import run_engine  # noqa: E402
 from openclip_trainer import run_openclip_trainer  # noqa: E402
 
@@ -93,22 +93,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rate", type=int, default=25, help="py-spy samples per second")
     parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/bench_shapes"))
+    parser.add_argument("--skip-open-clip", action="store_true")
     parser.add_argument("--extra", default="", help="engine overrides added to every run, space separated")
     parser.add_argument("--out", default=os.path.join(HERE, "results/profile_clip_cpu"))
     args = parser.parse_args()
     from data.synthetic import generate_shapes_dataset
 
-    generate_shapes_dataset(args.shards, num_train=4000, num_eval=100, image_size=64, samples_per_shard=500)
+    generate_shapes_dataset(args.shards, **SHARD_SET)
     shard_spec = os.path.join(args.shards, "train-{000000..000007}.tar")
     batch = MODELS[args.model]["batch"]
     tmp = tempfile.mkdtemp(prefix="profile_clip_")
     profiles = {}
     try:
-        raw = os.path.join(tmp, "open_clip.txt")
-        res = run_openclip_trainer(shard_spec, args.steps, batch, dims=openclip_dims(os.path.join(ROOT, MODELS[args.model]["config"])),
-                                   threads=2, warmup_steps=1, prefix=py_spy(raw, args.rate))
-        profiles["open_clip_train (1 proc x 2 threads)"] = {"step_time_s": res["step_time_s"],
-                                                            "processes": summarize(raw, "open_clip")}
+        if not args.skip_open_clip:
+            raw = os.path.join(tmp, "open_clip.txt")
+            res = run_openclip_trainer(shard_spec, args.steps, batch, warmup_steps=1, threads=2,
+                                       dims=openclip_dims(os.path.join(ROOT, MODELS[args.model]["config"])),
+                                       prefix=py_spy(raw, args.rate))
+            profiles["open_clip_train (1 proc x 2 threads)"] = {"step_time_s": res["step_time_s"],
+                                                                "processes": summarize(raw, "open_clip")}
         for layout in args.layouts.split(","):
             tp, dp = (int(x) for x in layout.split("x"))
             raw = os.path.join(tmp, f"engine_{layout}.txt")

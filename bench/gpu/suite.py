@@ -33,6 +33,8 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
+from clip_throughput import SHARD_OVERRIDES, SHARD_SET  # noqa: E402  the CPU benchmark's shard set
+
 MODELS = {"b32": ("configs/clip/b32.yaml", 512), "l14": ("configs/clip/l14.yaml", 128)}  # config, batch per GPU
 LABELS = {"b32": "B/32", "l14": "L/14"}
 FULL_BUDGET_S, QUICK_BUDGET_S = 480.0, 240.0
@@ -75,7 +77,8 @@ def engine_config(model: str, batch: int, gpus: int, attention: str = "sdpa", re
 
     overrides = ["trainer.precision=bf16", "model.megatron_amp_O2=true", f"trainer.micro_batch_size={batch}",
                  f"trainer.global_batch_size={batch * gpus}", "model.text.vocab_size=49408",
-                 f"model.attention_backend={attention}", "optim.sched.warmup_steps=0", "data.shuffle_buffer=1000"]
+                 f"model.attention_backend={attention}", "optim.sched.warmup_steps=0", "data.shuffle_buffer=1000",
+                 *SHARD_OVERRIDES]
     overrides += RECOMPUTE if recompute else []
     return load_config(ExperimentConfig, os.path.join(ROOT, MODELS[model][0]), overrides, BARE_KEYS), overrides
 
@@ -392,7 +395,7 @@ def main(argv=None) -> int:
     start = time.time()
     from data.synthetic import generate_shapes_dataset
 
-    generate_shapes_dataset(args.shards, num_train=4000, num_eval=100, image_size=64, samples_per_shard=500)
+    generate_shapes_dataset(args.shards, **SHARD_SET)
     rows = print_plan(args)
     results = {}
     for row in rows:
