@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--baseline-root", default=None,
                         help="another checkout of the engine (e.g. `git archive` of an older commit) run in "
                              "every round too, as 'engine (baseline)'")
+    parser.add_argument("--engines-only", action="store_true",
+                        help="with --baseline-root: no open_clip runs; the last column compares with the baseline")
     parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/bench_shapes"))
     parser.add_argument("--out", default=os.path.join(HERE, "results/clip_throughput_cpu"))
     args = parser.parse_args()
@@ -88,21 +90,28 @@ def main() -> None:
     for model in args.models.split(","):
         batch = MODELS[model]["batch"]
         for _ in range(args.repeats):
-            ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
-                                       dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
-                                       threads=2, warmup_steps=args.warmup)
-            key = (model, "open_clip_train (1 proc x 2 threads)", "-")
-            runs.setdefault(key, []).append({"step_time_s": ref["step_time_s"], "ratio": 1.0,
-                                             "loadavg": os.getloadavg()[0]})
+            ref = None
+            if not args.engines_only:
+                ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
+                                           dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
+                                           threads=2, warmup_steps=args.warmup)
+                key = (model, "open_clip_train (1 proc x 2 threads)", "-")
+                runs.setdefault(key, []).append({"step_time_s": ref["step_time_s"], "ratio": 1.0,
+                                                 "loadavg": os.getloadavg()[0]})
             for tp, dp in LAYOUTS:
-                for name, root in engines:
+                # the baseline first, so neither version always runs right after open_clip
+                for name, root in reversed(engines) if args.engines_only else engines:
                     res = run_engine(MODELS[model]["config"], tp * dp, engine_overrides(model, tp, dp), args.steps,
                                      args.warmup, args.shards, python=sys.executable, root=root)
+                    if ref is None:  # compare with the baseline of this round
+                        ref = {"step_time_s": res["step_time_s"]} if name == "engine (baseline)" else ref
                     key = (model, f"{name} (2 ranks x 1 thread)", f"TP={tp} DP={dp}")
                     runs.setdefault(key, []).append({"step_time_s": res["step_time_s"],
                                                      "ratio": ref["step_time_s"] / res["step_time_s"],
                                                      "loadavg": os.getloadavg()[0]})
                     print(f"{key}: {runs[key][-1]}", flush=True)
+                if args.engines_only:
+                    ref = None
     rows = []
     for (model, system, layout), rounds in runs.items():
         times = [r["step_time_s"] for r in rounds]
@@ -118,8 +127,9 @@ def main() -> None:
               f"{os.cpu_count()} cores, torch {torch.__version__}, {args.steps - args.warmup} timed steps "
               f"after {args.warmup} warm-up, median of {args.repeats} round(s) run back to back; 1-min load "
               f"average {min(loads):.1f}-{max(loads):.1f} (the cores were shared with other sessions)")
+    versus = "the baseline" if args.engines_only else "open_clip"
     lines = [header, "", "| model | system | layout | global batch | step time (s), median | min-max (s) | "
-             "samples/s | vs open_clip (median of rounds) |", "|---|---|---|---|---|---|---|---|"]
+             f"samples/s | vs {versus} (median of rounds) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['system']} | {r['layout']} | {r['batch']} | {r['step_time_s']:.3f} | "
                      f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['samples_per_s']:.1f} | {r['ratio']:.2f}x |")
