@@ -187,7 +187,8 @@ def summarize(rows: list[Row], results: dict, peak: float | None, gpus: int) -> 
         r = results[row.key]
         ref = results.get(f"{row.model}-open_clip-sdpa", {})
         if row.kind == "engine" and "samples_per_s" in r and "samples_per_s" in ref:
-            r["vs_open_clip"] = r["samples_per_s"] / ref["samples_per_s"]
+            # per GPU: open_clip's runner is one process on one GPU
+            r["vs_open_clip"] = r["samples_per_s"] / gpus / ref["samples_per_s"]
         base = results.get(f"{row.model}-engine-sdpa", {})
         if row.recompute and "samples_per_s" in r and "samples_per_s" in base:
             r["recompute_time_cost"] = base["samples_per_s"] / r["samples_per_s"] - 1
@@ -362,7 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the installed wheels import; print the plan")
     parser.add_argument("--out", default=None, help="folder for results.md and results.json")
     parser.add_argument("--site", default=None, help="where run.sh installed the wheels")
-    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=1, help="engine ranks (open_clip runs on one GPU; its "
+                        "comparison is per GPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data-loader workers, the same for both systems (default: half the cores, at most 8)")
     parser.add_argument("--device-memory-gib", type=float, default=None, help="default: read from the GPU (139 dry)")
