@@ -53,7 +53,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from engine.config import load_config
-    from engine.schema import ExperimentConfig
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
     from parallel.context import initialize_parallel

@@ -73,7 +73,8 @@ class Row:
 def engine_config(model: str, batch: int, gpus: int, attention: str = "sdpa", recompute: bool = False):
     """The engine's config for a row, and the overrides that make it from the size's file."""
     from engine.config import load_config
-    from engine.schema import BARE_KEYS, ExperimentConfig
+    from engine.schema import BARE_KEYS
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     overrides = ["trainer.precision=bf16", "model.megatron_amp_O2=true", f"trainer.micro_batch_size={batch}",
                  f"trainer.global_batch_size={batch * gpus}", "model.text.vocab_size=49408",

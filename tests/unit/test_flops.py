@@ -24,7 +24,7 @@ from engine.flops import (
     gpt_flops_per_token,
     peak_tflops,
 )
-from engine.schema import ExperimentConfig
+from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 from engine.throughput import ThroughputMeter, describe
 
 REL = 1e-9
