@@ -360,7 +360,7 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
     _check_model_coverage(meta, names, error, group)
     if optimizer is not None and "optimizer" not in contents:
         log.warning("checkpoint %s holds model weights only: optimizer state starts fresh", path)
-    elif optimizer is not None:
+    elif optimizer is not None and not load_optimizer:
         log.info("checkpoint.load_optimizer=false: optimizer state starts fresh")
     same_layout = meta["layout"]["tensor_model_parallel_size"] == place.tp_size and \
         meta["layout"]["pipeline_model_parallel_size"] == place.pp_size and \
