@@ -107,8 +107,9 @@ class Trainer:
             )
 
     def fit(self, data_iter=None) -> dict:
-        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end.
-        `data_iter` defaults to the train loader's batches (after resume has restored its position)."""
+        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end (after the
+        final checkpoint). `data_iter` defaults to the train loader's batches (after resume has
+        restored its position)."""
         cfg, last_eval, ckpt = self.cfg, {}, self.checkpoint
         if ckpt is not None:
             ckpt.resume(self)  # step, weights, optimizer, schedule, RNG and data position
@@ -137,7 +138,7 @@ class Trainer:
                 self.progress.log_train(step, metrics)
                 window_start, window_samples, window_tokens = time.time(), 0, 0
             at_interval = cfg.val_check_interval > 0 and step % cfg.val_check_interval == 0
-            if self.eval_fn is not None and (at_interval or step == cfg.max_steps):
+            if self.eval_fn is not None and at_interval and step < cfg.max_steps:  # the last one: after saving
                 last_eval = self.eval_fn(step)
                 self.progress.log_eval(step, last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
@@ -149,6 +150,11 @@ class Trainer:
                     window_start = time.time()  # saving time is not training throughput
         if ckpt is not None and not self.preempted:
             ckpt.at_end(self)
+        # After the final save, so a failing evaluation cannot cost the checkpoint; a rerun that
+        # resumes at max_steps evaluates again.
+        if self.eval_fn is not None and not self.preempted:
+            last_eval = self.eval_fn(self.state.step)
+            self.progress.log_eval(self.state.step, last_eval)
         self.progress.close()
         return last_eval
 
