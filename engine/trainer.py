@@ -100,10 +100,11 @@ class Trainer:
         stuck = isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.cfg.min_scale
         limit_reached = not isinstance(scaler, DynamicLossScaler) and self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS
         if stuck or limit_reached:
+            where = f"; {self.checkpoint.healthy_checkpoint_note()}" if self.checkpoint is not None else ""
             raise FloatingPointError(
                 f"training stopped at step {self.state.step + 1}: {self.state.skipped_steps} consecutive steps "
                 f"with non-finite gradients{' at the minimum loss scale' if stuck else ''}; lower optim.lr, "
-                "check the data, or use bf16"
+                f"check the data, or use bf16{where}"
             )
 
     def fit(self, data_iter=None) -> dict:
@@ -143,7 +144,7 @@ class Trainer:
                 self.progress.log_eval(step, last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
             if ckpt is not None:
-                if ckpt.after_step(self):  # interval saves; on SIGTERM/SIGUSR1 save and stop
+                if ckpt.after_step(self, loss=metrics["loss"]):  # interval saves; on SIGTERM/SIGUSR1 save and stop
                     self.preempted = True
                     break
                 if ckpt.last_saved_step == step:
