@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from engine.checkpoint import state as st
 from engine.checkpoint import storage
+from engine.checkpoint.lock import STALE_AFTER_S, CheckpointLockError, RunLock
 from engine.checkpoint.preemption import PreemptionHandler
 from engine.checkpoint.storage import (
     DCP_METADATA,
@@ -142,18 +143,21 @@ class _LatestCandidate:
 
 class CheckpointManager:
     def __init__(self, cfg, ctx=None, *, family: str = "clip", extra_state: dict | None = None,
-                 init_key_map=None, install_signals: bool = True):
+                 init_key_map=None, install_signals: bool = True, lock_stale_after_s: float = STALE_AFTER_S):
         """`cfg` is the family's experiment config (saved whole into each checkpoint); `ctx` the
         `ParallelContext` (None: one process); `family` the registered family name (the offline
         tools rebuild its model); `extra_state` the family's {name: Stateful} saved beside the model
         (see `engine.family.TrainingParts.extra_state`); `init_key_map` how `checkpoint.init_from`
-        names map onto the model (see `engine.checkpoint.key_map`)."""
+        names map onto the model (see `engine.checkpoint.key_map`). Takes the checkpoint directory's
+        lock (see `engine.checkpoint.lock`; `lock_stale_after_s` is its heartbeat age for a holder on
+        another host): another live run there stops every rank with the same `CheckpointLockError`."""
         self.cfg, self.ck = cfg, cfg.checkpoint
         self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
         self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
         self.io_group = dist.new_group(backend="gloo") if _dist() else None
         self.flag_group = dist.new_group(backend="gloo") if _dist() else None
+        self.lock = self._take_lock(lock_stale_after_s)
         self.preemption = PreemptionHandler(group=self.flag_group)
         if install_signals:
             self.preemption.install()
@@ -240,8 +244,26 @@ class CheckpointManager:
                 "restarts there; later saves with non-finite losses are kept but never made latest)")
 
     def close(self) -> None:
-        self.wait()
-        self.preemption.uninstall()
+        """Wait for an asynchronous save, restore the signal handlers, release the directory's lock."""
+        try:
+            self.wait()
+        finally:
+            self.preemption.uninstall()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _take_lock(self, stale_after_s: float) -> RunLock | None:
+        """Collective: rank 0 takes the lock; every rank raises the same error when it cannot."""
+        lock, problem = None, None
+        if _rank() == 0:
+            try:
+                lock = RunLock(self.root, stale_after_s=stale_after_s).acquire()
+            except CheckpointLockError as exc:
+                problem = str(exc)
+        problem = _broadcast(problem, self.io_group)
+        if problem is not None:
+            raise CheckpointLockError(problem)
+        return lock
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "manual") -> str:
@@ -255,14 +277,21 @@ class CheckpointManager:
         self.wait()
         start = time.time()
         tmp = os.path.join(self.root, tmp_dirname(step))
+        problem = None
         if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            remove_stale_tmp(self.root)  # an interrupted save's leftovers (never loaded)
-            if is_complete(final):  # e.g. saved by a run that crashed before moving `latest`
-                log.warning("checkpoint %s exists; it is replaced once this save is complete", final)
-            os.makedirs(tmp)
-        if _dist():
-            dist.barrier(group=self.io_group)
+            try:
+                if self.lock is not None:
+                    self.lock.verify()  # another run took the directory over while this one was stopped
+                os.makedirs(self.root, exist_ok=True)
+                remove_stale_tmp(self.root)  # an interrupted save's leftovers (never loaded)
+                if is_complete(final):  # e.g. saved by a run that crashed before moving `latest`
+                    log.warning("checkpoint %s exists; it is replaced once this save is complete", final)
+                os.makedirs(tmp)
+            except CheckpointLockError as exc:
+                problem = str(exc)
+        problem = _broadcast(problem, self.io_group)  # also: no rank writes before `tmp` exists
+        if problem is not None:
+            raise CheckpointLockError(problem)
 
         entries, table = self._collect(trainer)
         everyone = _gather({"table": table, "extra": st.extra_state_keys(trainer.model, self.place),
@@ -301,7 +330,7 @@ class CheckpointManager:
         """Under `_pointer_lock`: move `latest` once the candidate is both committed and healthy."""
         if candidate.committed and candidate.healthy and not candidate.pointed:
             candidate.pointed = True
-            if _rank() == 0:
+            if _rank() == 0 and not (self.lock is not None and self.lock.lost_to is not None):
                 storage.update_latest(self.root, os.path.basename(candidate.path))
                 removed = prune(self.root, self.ck.keep_last)  # what the old `latest` protected may go now
                 if removed:

@@ -53,6 +53,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from engine.checkpoint.errors import CheckpointError
+
 log = logging.getLogger("engine")
 
 FORMAT = "megatron-engine-checkpoint"
@@ -62,10 +64,6 @@ MARKER_FILE = "COMPLETE"
 DCP_METADATA = ".metadata"
 LATEST = "latest"
 STEP_PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read as asked (missing, incomplete, corrupt, wrong shapes)."""
 
 
 def step_dirname(step: int) -> str:
