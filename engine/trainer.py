@@ -19,6 +19,7 @@ from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
 from engine.schedules import forward_backward
 from engine.throughput import ThroughputMeter
+from parallel.timeouts import names_collective_timeouts
 
 log = logging.getLogger("engine")
 
@@ -107,6 +108,7 @@ class Trainer:
                 f"check the data, or use bf16{where}"
             )
 
+    @names_collective_timeouts(lambda self, *args, **kwargs: f"the last completed training step was {self.state.step}")
     def fit(self, data_iter=None) -> dict:
         """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end (after the
         final checkpoint). `data_iter` defaults to the train loader's batches (after resume has

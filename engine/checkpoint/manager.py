@@ -63,6 +63,7 @@ from engine.checkpoint.storage import (
     write_json_atomic,
     write_state,
 )
+from parallel.timeouts import new_group
 
 log = logging.getLogger("engine")
 
@@ -155,8 +156,9 @@ class CheckpointManager:
         self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
         self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
-        self.io_group = dist.new_group(backend="gloo") if _dist() else None
-        self.flag_group = dist.new_group(backend="gloo") if _dist() else None
+        # parallel.timeouts.new_group: with parallel.distributed_timeout_minutes, not torch's 30 minutes
+        self.io_group = new_group(backend="gloo", desc="checkpoint_io") if _dist() else None
+        self.flag_group = new_group(backend="gloo", desc="checkpoint_preemption_flag") if _dist() else None
         self.lock = self._take_lock(lock_stale_after_s)
         self.preemption = PreemptionHandler(group=self.flag_group)
         if install_signals:
