@@ -70,9 +70,10 @@ def check_before_launch(cfg, family: ModelFamily, world_size: int, argv: list[st
     return dims
 
 
-def build_trainer(cfg, ctx, family: str | ModelFamily):
+def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None):
     """Everything a run needs on this rank around the family's parts: precision, optimizer (with
-    the model's weight-decay policy), LR schedule, pipeline link, checkpoints, trainer."""
+    the model's weight-decay policy), LR schedule, pipeline link, checkpoints, trainer. `lock`: the
+    checkpoint directory's lock when already taken (else the checkpoint manager takes it)."""
     from engine.checkpoint import CheckpointManager
     from engine.optim import WarmupCosineSchedule, build_optimizer
     from engine.precision import plan_precision
@@ -97,7 +98,7 @@ def build_trainer(cfg, ctx, family: str | ModelFamily):
                                      sched.min_lr, sched.name)
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
     checkpoint = CheckpointManager(cfg, ctx, family=family.name, extra_state=parts.extra_state,
-                                   init_key_map=parts.init_key_map)
+                                   init_key_map=parts.init_key_map, lock=lock)
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler, parts.forward_step, eval_fn=parts.eval_fn,
                       precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint,
                       flops_per_sample=parts.flops_per_sample)
@@ -121,25 +122,32 @@ def run(family: str | ModelFamily, argv: list[str]) -> dict:
                               seed=cfg.trainer.seed, timeout_minutes=par.distributed_timeout_minutes)
     install_rank_filter(ctx.rank, replica_leader=ctx.tp_rank == 0 and ctx.pp_rank == 0)
     try:
-        if ctx.is_logging_rank:
-            os.makedirs(cfg.trainer.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.trainer.output_dir, "config.yaml"), "w") as fh:
-                fh.write(to_yaml(cfg))
-        trainer = build_trainer(cfg, ctx, family)
+        from engine.checkpoint.manager import checkpoint_root, take_directory_lock
+
+        # Before this run writes anything (config.yaml, data, tokenizer): one run per directory.
+        lock, trainer = take_directory_lock(checkpoint_root(cfg)), None
         try:
+            if ctx.is_logging_rank:
+                os.makedirs(cfg.trainer.output_dir, exist_ok=True)
+                with open(os.path.join(cfg.trainer.output_dir, "config.yaml"), "w") as fh:
+                    fh.write(to_yaml(cfg))
+            trainer = build_trainer(cfg, ctx, family, lock=lock)
             final = trainer.fit()
+            extra = trainer.parts.summary() if trainer.parts.summary is not None else {}
+            if ctx.is_logging_rank:
+                summary = {"step": trainer.state.step, "samples_seen": trainer.state.samples_seen,
+                           "skipped_steps": trainer.state.total_skipped,
+                           "rss_before_model_mib": trainer.rss_before_model / 2**20,
+                           "peak_rss_mib": peak_rss_bytes() / 2**20, **extra, **final}
+                log.info("final: %s", json.dumps(summary))
+                with open(os.path.join(cfg.trainer.output_dir, "final_metrics.json"), "w") as fh:
+                    json.dump(summary, fh, indent=2)
+            return final
         finally:
-            trainer.checkpoint.close()
-        extra = trainer.parts.summary() if trainer.parts.summary is not None else {}
-        if ctx.is_logging_rank:
-            summary = {"step": trainer.state.step, "samples_seen": trainer.state.samples_seen,
-                       "skipped_steps": trainer.state.total_skipped,
-                       "rss_before_model_mib": trainer.rss_before_model / 2**20,
-                       "peak_rss_mib": peak_rss_bytes() / 2**20, **extra, **final}
-            log.info("final: %s", json.dumps(summary))
-            with open(os.path.join(cfg.trainer.output_dir, "final_metrics.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
-        return final
+            if trainer is not None:
+                trainer.checkpoint.close()  # waits for an async save, releases the lock
+            elif lock is not None:
+                lock.release()
     finally:
         destroy_parallel()
 
@@ -165,11 +173,17 @@ def launch(family_name: str, doc: str | None = None, argv: list[str] | None = No
     if any(a in ("-h", "--help") for a in argv):
         print(usage(family, doc))
         return
+    from engine.checkpoint.lock import CheckpointLockError
+    from parallel.timeouts import CollectiveTimeoutError
+
     try:
         run(family, argv)
-    except (ConfigError, ParallelLayoutError) as exc:
+    except (ConfigError, ParallelLayoutError, CheckpointLockError) as exc:  # nothing ran: fix and relaunch
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except CollectiveTimeoutError as exc:  # another rank stopped answering: say which wait, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def quiet_optional_extra_warnings() -> None:

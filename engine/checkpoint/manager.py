@@ -142,24 +142,47 @@ class _LatestCandidate:
     pointed: bool = False
 
 
+def checkpoint_root(cfg) -> str:
+    """Where a run's checkpoints live: `checkpoint.dir`, else <trainer.output_dir>/checkpoints."""
+    return os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
+
+
+def take_directory_lock(root: str, group=None, stale_after_s: float = STALE_AFTER_S) -> RunLock | None:
+    """Collective: rank 0 takes `root`'s lock; every rank raises the same `CheckpointLockError`
+    naming the holder when it cannot. Returns the lock on rank 0, None elsewhere."""
+    lock, problem = None, None
+    if _rank() == 0:
+        try:
+            lock = RunLock(root, stale_after_s=stale_after_s).acquire()
+        except CheckpointLockError as exc:
+            problem = str(exc)
+    problem = _broadcast(problem, group)
+    if problem is not None:
+        raise CheckpointLockError(problem)
+    return lock
+
+
 class CheckpointManager:
     def __init__(self, cfg, ctx=None, *, family: str = "clip", extra_state: dict | None = None,
-                 init_key_map=None, install_signals: bool = True, lock_stale_after_s: float = STALE_AFTER_S):
+                 init_key_map=None, install_signals: bool = True, lock_stale_after_s: float = STALE_AFTER_S,
+                 lock: RunLock | None = None):
         """`cfg` is the family's experiment config (saved whole into each checkpoint); `ctx` the
         `ParallelContext` (None: one process); `family` the registered family name (the offline
         tools rebuild its model); `extra_state` the family's {name: Stateful} saved beside the model
         (see `engine.family.TrainingParts.extra_state`); `init_key_map` how `checkpoint.init_from`
         names map onto the model (see `engine.checkpoint.key_map`). Takes the checkpoint directory's
         lock (see `engine.checkpoint.lock`; `lock_stale_after_s` is its heartbeat age for a holder on
-        another host): another live run there stops every rank with the same `CheckpointLockError`."""
+        another host): another live run there stops every rank with the same `CheckpointLockError`;
+        `lock` is one already taken by `take_directory_lock` (the generic run takes it before it
+        writes anything)."""
         self.cfg, self.ck = cfg, cfg.checkpoint
         self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
-        self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
+        self.root = checkpoint_root(cfg)
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
         # parallel.timeouts.new_group: with parallel.distributed_timeout_minutes, not torch's 30 minutes
         self.io_group = new_group(backend="gloo", desc="checkpoint_io") if _dist() else None
         self.flag_group = new_group(backend="gloo", desc="checkpoint_preemption_flag") if _dist() else None
-        self.lock = self._take_lock(lock_stale_after_s)
+        self.lock = lock if lock is not None else take_directory_lock(self.root, self.io_group, lock_stale_after_s)
         self.preemption = PreemptionHandler(group=self.flag_group)
         if install_signals:
             self.preemption.install()
@@ -253,19 +276,6 @@ class CheckpointManager:
             self.preemption.uninstall()
             if self.lock is not None:
                 self.lock.release()
-
-    def _take_lock(self, stale_after_s: float) -> RunLock | None:
-        """Collective: rank 0 takes the lock; every rank raises the same error when it cannot."""
-        lock, problem = None, None
-        if _rank() == 0:
-            try:
-                lock = RunLock(self.root, stale_after_s=stale_after_s).acquire()
-            except CheckpointLockError as exc:
-                problem = str(exc)
-        problem = _broadcast(problem, self.io_group)
-        if problem is not None:
-            raise CheckpointLockError(problem)
-        return lock
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "manual") -> str:

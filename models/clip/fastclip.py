@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from models.clip.sample_state import ShardedSampleState
+from parallel.collectives import all_gather_into
 
 # version -> (temperature scheme, learnable global tau, multiply_tau, default gamma schedule)
 _VERSIONS = {
@@ -194,7 +195,7 @@ def _gather_rows(tensor: torch.Tensor, group, world: int) -> torch.Tensor:
     if world == 1:
         return tensor
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor, group=group)
+    all_gather_into(out, tensor, group=group)
     return out
 
 

@@ -31,6 +31,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import all_gather_into, reduce_scatter_into
+
 
 def _world(group) -> tuple[int, int]:
     if group is None or not dist.is_initialized():
@@ -97,7 +99,7 @@ class ShardedSampleState:
         local_index = local_index.reshape(-1).to(device=self.device, dtype=torch.int64)
         if self.world > 1:
             out = torch.empty(self.world * local_index.numel(), dtype=torch.int64, device=self.device)
-            dist.all_gather_into_tensor(out, local_index.contiguous(), group=self.group)
+            all_gather_into(out, local_index.contiguous(), group=self.group)
         else:
             out = local_index
         self._check_indices(out)
@@ -120,7 +122,7 @@ class ShardedSampleState:
             out = torch.empty(len(names), per_rank, dtype=self.dtype, device=self.device)
             # reduce_scatter works on dim 0: put the rank dim first, one contiguous block per rank.
             blocks = stacked.view(len(names), self.world, per_rank).transpose(0, 1).contiguous()
-            dist.reduce_scatter_tensor(out.view(-1), blocks.view(-1), group=self.group)
+            reduce_scatter_into(out.view(-1), blocks.view(-1), group=self.group)
             stacked = out
         return {n: stacked[i] for i, n in enumerate(names)}
 

@@ -131,3 +131,20 @@ def test_memory_estimate_refuses_what_the_launcher_refuses():
     assert result.returncode == 2
     assert "error: model.vision.num_attention_heads=22 is not divisible by tensor_model_parallel_size=4" in result.stderr
     assert "Traceback" not in result.stderr and "total" not in result.stdout
+
+
+def test_a_second_run_on_a_locked_directory_stops_before_writing(tmp_path):
+    from engine.checkpoint.lock import RunLock
+
+    out = tmp_path / "run"
+    lock = RunLock(str(out / "checkpoints")).acquire()  # this test process is the live holder
+    try:
+        result = subprocess.run([sys.executable, "examples/pretrain_clip.py", "--config", "configs/clip/tiny.yaml",
+                                 "device=cpu", f"trainer.output_dir={out}", f"data.synthetic.out_dir={tmp_path}/shapes"],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr and f"pid {os.getpid()}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "config.yaml").exists() and not (tmp_path / "shapes").exists()  # nothing was written
