@@ -94,18 +94,21 @@ class Trainer:
         self.state.skipped_steps += 1
         self.state.total_skipped += 1
         scaler = self.optimizer.loss_scaler
+        dynamic = isinstance(scaler, DynamicLossScaler)  # fp16 only: bf16 and fp32 have no loss scale
         log.warning("step %d: non-finite gradients (norm %s); update skipped on every rank (%d in a row, %d in "
-                    "all; loss scale now %g)", self.state.step + 1, grad_norm, self.state.skipped_steps,
-                    self.state.total_skipped, scaler.scale)
+                    "all%s)", self.state.step + 1, grad_norm, self.state.skipped_steps, self.state.total_skipped,
+                    f"; loss scale now {scaler.scale:g}" if dynamic else "")
         # A dynamic scaler skips while it searches for its scale; it is stuck only at its floor.
-        stuck = isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.cfg.min_scale
-        limit_reached = not isinstance(scaler, DynamicLossScaler) and self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS
+        stuck = dynamic and scaler.scale <= scaler.cfg.min_scale
+        limit_reached = not dynamic and self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS
         if stuck or limit_reached:
             where = f"; {self.checkpoint.healthy_checkpoint_note()}" if self.checkpoint is not None else ""
+            advice = "lower optim.lr or check the data"
+            if dynamic:  # fp16's range is what overflows; bf16 has fp32's exponent range
+                advice = "lower optim.lr, check the data, or use trainer.precision=bf16"
             raise FloatingPointError(
                 f"training stopped at step {self.state.step + 1}: {self.state.skipped_steps} consecutive steps "
-                f"with non-finite gradients{' at the minimum loss scale' if stuck else ''}; lower optim.lr, "
-                f"check the data, or use bf16{where}"
+                f"with non-finite gradients{' at the minimum loss scale' if stuck else ''}; {advice}{where}"
             )
 
     @names_collective_timeouts(lambda self, *args, **kwargs: f"the last completed training step was {self.state.step}")
