@@ -70,10 +70,12 @@ def check_before_launch(cfg, family: ModelFamily, world_size: int, argv: list[st
     return dims
 
 
-def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None):
+def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None, lock_taken: bool = False):
     """Everything a run needs on this rank around the family's parts: precision, optimizer (with
-    the model's weight-decay policy), LR schedule, pipeline link, checkpoints, trainer. `lock`: the
-    checkpoint directory's lock when already taken (else the checkpoint manager takes it)."""
+    the model's weight-decay policy), LR schedule, pipeline link, checkpoints, trainer. `lock_taken`:
+    the caller already took the checkpoint directory's lock (collectively, with
+    `take_directory_lock`; `lock` is what that returned, None on ranks but 0); else the checkpoint
+    manager takes it."""
     from engine.checkpoint import CheckpointManager
     from engine.optim import WarmupCosineSchedule, build_optimizer
     from engine.precision import plan_precision
@@ -98,7 +100,8 @@ def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None):
                                      sched.min_lr, sched.name)
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
     checkpoint = CheckpointManager(cfg, ctx, family=family.name, extra_state=parts.extra_state,
-                                   init_key_map=parts.init_key_map, lock=lock)
+                                   init_key_map=parts.init_key_map, lock=lock,
+                                   lock_taken=lock_taken)
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler, parts.forward_step, eval_fn=parts.eval_fn,
                       precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint,
                       flops_per_sample=parts.flops_per_sample)
@@ -131,7 +134,7 @@ def run(family: str | ModelFamily, argv: list[str]) -> dict:
                 os.makedirs(cfg.trainer.output_dir, exist_ok=True)
                 with open(os.path.join(cfg.trainer.output_dir, "config.yaml"), "w") as fh:
                     fh.write(to_yaml(cfg))
-            trainer = build_trainer(cfg, ctx, family, lock=lock)
+            trainer = build_trainer(cfg, ctx, family, lock=lock, lock_taken=True)
             final = trainer.fit()
             extra = trainer.parts.summary() if trainer.parts.summary is not None else {}
             if ctx.is_logging_rank:

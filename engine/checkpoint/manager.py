@@ -165,7 +165,7 @@ def take_directory_lock(root: str, group=None, stale_after_s: float = STALE_AFTE
 class CheckpointManager:
     def __init__(self, cfg, ctx=None, *, family: str = "clip", extra_state: dict | None = None,
                  init_key_map=None, install_signals: bool = True, lock_stale_after_s: float = STALE_AFTER_S,
-                 lock: RunLock | None = None):
+                 lock: RunLock | None = None, lock_taken: bool = False):
         """`cfg` is the family's experiment config (saved whole into each checkpoint); `ctx` the
         `ParallelContext` (None: one process); `family` the registered family name (the offline
         tools rebuild its model); `extra_state` the family's {name: Stateful} saved beside the model
@@ -173,8 +173,8 @@ class CheckpointManager:
         names map onto the model (see `engine.checkpoint.key_map`). Takes the checkpoint directory's
         lock (see `engine.checkpoint.lock`; `lock_stale_after_s` is its heartbeat age for a holder on
         another host): another live run there stops every rank with the same `CheckpointLockError`;
-        `lock` is one already taken by `take_directory_lock` (the generic run takes it before it
-        writes anything)."""
+        `lock_taken=True`: the caller already took it with `take_directory_lock` (the generic run
+        does, before it writes anything) and `lock` is what that returned (None on ranks but 0)."""
         self.cfg, self.ck = cfg, cfg.checkpoint
         self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
         self.root = checkpoint_root(cfg)
@@ -182,7 +182,9 @@ class CheckpointManager:
         # parallel.timeouts.new_group: with parallel.distributed_timeout_minutes, not torch's 30 minutes
         self.io_group = new_group(backend="gloo", desc="checkpoint_io") if _dist() else None
         self.flag_group = new_group(backend="gloo", desc="checkpoint_preemption_flag") if _dist() else None
-        self.lock = lock if lock is not None else take_directory_lock(self.root, self.io_group, lock_stale_after_s)
+        # Every rank takes the same branch: taking the lock is a collective.
+        self.lock = (take_directory_lock(self.root, self.io_group, lock_stale_after_s) if not lock_taken
+                     else lock)
         self.preemption = PreemptionHandler(group=self.flag_group)
         if install_signals:
             self.preemption.install()
