@@ -9,6 +9,7 @@ sides (TP=1/PP=1, global layer numbers), so any layout loads from any layout, as
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -88,9 +89,9 @@ def load_model_weights(path: str, model: torch.nn.Module, place: st.Placement | 
                     errors.append(f"{spec.name}: not in the checkpoint"
                                   + (f" (read as {source})" if source != spec.name else ""))
                 continue
-            renamed = st.TensorSpec(key, spec.global_shape, spec.offsets, spec.partition_dim, spec.padded)
+            renamed = dataclasses.replace(spec, name=key)
             try:
-                target.add(key, renamed, [(spec.offsets, tensor.detach())])
+                target.add(key, renamed, spec.boxes(tensor.detach()))
             except CheckpointError as exc:
                 errors.append(str(exc))
                 continue

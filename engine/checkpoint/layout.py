@@ -45,16 +45,62 @@ def local_to_global_name(name: str, pp_rank: int, pp_size: int, num_layers: dict
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Where one rank's local tensor sits in its canonical tensor."""
+    """Where one rank's local tensor sits in its canonical tensor.
+
+    A strided partition (megatron's gated-MLP `linear_fc1`: TP rank r holds [gate_r; up_r] of the
+    canonical [gate; up]) is `stride` boxes of the canonical tensor, one per slice of the local
+    tensor along the partition dim; `boxes` and `flat_boxes` give them."""
 
     name: str  # canonical name
     global_shape: tuple
-    offsets: tuple  # of the local tensor inside the canonical one
+    offsets: tuple  # of the local tensor inside the canonical one (its first box when strided)
     partition_dim: int | None  # tensor-parallel split dim, None when replicated
     padded: bool  # rows past the true vocabulary are padding (size differs between TP sizes)
+    stride: int = 1  # megatron's partition_stride
+    tp_rank: int = 0
+    tp_size: int = 1
 
     def describe(self) -> dict:
-        return {"shape": list(self.global_shape), "partition_dim": self.partition_dim, "padded": self.padded}
+        out = {"shape": list(self.global_shape), "partition_dim": self.partition_dim, "padded": self.padded}
+        if self.stride != 1:
+            out["partition_stride"] = self.stride
+        return out
+
+    def _pieces(self, local_shape: tuple) -> list[tuple[tuple, int, int]]:
+        """[(global offsets, first local index, size)] along the partition dim."""
+        if self.stride == 1:
+            dim = self.partition_dim or 0
+            return [(self.offsets, 0, local_shape[dim] if local_shape else 0)]
+        from parallel.tp_sharding import partition_boxes
+
+        return [(off, sl.start, sl.stop - sl.start) for off, _, sl in
+                partition_boxes(local_shape, self.partition_dim, self.stride, self.tp_rank, self.tp_size)]
+
+    def boxes(self, local: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+        """[(global offsets, view of `local`)] covering the local tensor."""
+        if self.stride == 1:
+            return [(self.offsets, local)]
+        return [(off, local.narrow(self.partition_dim, start, size))
+                for off, start, size in self._pieces(tuple(local.shape))]
+
+    def flat_boxes(self, local_shape: tuple, lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:
+        """Elements [lo, hi) of the flattened local tensor as (global offsets, sizes, start) boxes,
+        `start` counted from `lo` (a ZeRO-1 shard of a parameter; see `flat_range_boxes`)."""
+        local_boxes = flat_range_boxes(local_shape, lo, hi)
+        if self.stride == 1:
+            return [(shift(off, self.offsets), sizes, start) for off, sizes, start in local_boxes]
+        if self.partition_dim != 0:
+            raise NotImplementedError(f"{self.name}: strided partitions along dim {self.partition_dim}")
+        out = []
+        for off, sizes, start in local_boxes:  # split row blocks where the local slices meet
+            first, rows = off[0], sizes[0]
+            for global_off, piece_start, piece_size in self._pieces(local_shape):
+                a, b = max(first, piece_start), min(first + rows, piece_start + piece_size)
+                if a >= b:
+                    continue
+                goff = (global_off[0] + a - piece_start, *off[1:])
+                out.append((goff, (b - a, *sizes[1:]), start + (a - first) * math.prod(sizes[1:])))
+        return out
 
 
 def _vocab_padded_params(model: torch.nn.Module) -> set:
@@ -86,14 +132,19 @@ def tensor_specs(model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict[str
 def _spec(name: str, tensor: torch.Tensor, tp_rank: int, tp_size: int, padded: bool) -> TensorSpec:
     shape = tuple(tensor.shape)
     if getattr(tensor, "tensor_model_parallel", False) and tp_size > 1:
-        if getattr(tensor, "partition_stride", 1) != 1:
-            raise NotImplementedError(f"{name}: strided tensor-parallel partitions are not supported")
+        stride = getattr(tensor, "partition_stride", 1)
         dim = tensor.partition_dim
         global_shape = tuple(s * tp_size if d == dim else s for d, s in enumerate(shape))
         offsets = tuple(tp_rank * s if d == dim else 0 for d, s in enumerate(shape))
-        return TensorSpec(name, global_shape, offsets, dim, padded)
+        if stride != 1:
+            if shape[dim] % stride:
+                raise ValueError(f"{name}: local size {shape[dim]} along dim {dim} is not divisible by its "
+                                 f"partition stride {stride}")
+            offsets = tuple(tp_rank * (s // stride) if d == dim else 0 for d, s in enumerate(shape))
+        return TensorSpec(name, global_shape, offsets, dim, padded, stride, tp_rank, tp_size)
     dim = tensor.partition_dim if getattr(tensor, "tensor_model_parallel", False) else None
-    return TensorSpec(name, shape, (0,) * len(shape), dim, padded)
+    stride = getattr(tensor, "partition_stride", 1) if dim is not None else 1
+    return TensorSpec(name, shape, (0,) * len(shape), dim, padded, stride)
 
 
 def flat_range_boxes(shape: tuple, lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:

@@ -28,9 +28,7 @@ import torch
 from engine.checkpoint.layout import (
     TensorSpec,
     clip_box,
-    flat_range_boxes,
     param_specs,
-    shift,
     tensor_specs,
 )
 from engine.checkpoint.storage import Boxes, CheckpointError
@@ -81,7 +79,7 @@ def model_entries(model: torch.nn.Module, place: Placement) -> tuple[dict, dict]
         if not torch.is_tensor(tensor):
             continue
         spec = tensor_specs_cache(model, place)[local]
-        entries[MODEL + spec.name] = Boxes(spec.global_shape, [(spec.offsets, tensor.detach())])
+        entries[MODEL + spec.name] = Boxes(spec.global_shape, spec.boxes(tensor.detach()))
         table[MODEL + spec.name] = _describe(spec, tensor.dtype)
     return entries, table
 
@@ -121,9 +119,9 @@ def optimizer_entries(optimizer, model: torch.nn.Module, place: Placement) -> tu
             key = OPTIM_KINDS[kind] + spec.name
             shapes[key] = spec.global_shape
             table[key] = _describe(spec, flat.dtype)
-            for off, sizes, start in flat_range_boxes(tuple(param.shape), first, first + numel):
+            for off, sizes, start in spec.flat_boxes(tuple(param.shape), first, first + numel):
                 piece = flat[start:start + math.prod(sizes)].view(sizes)
-                pieces.setdefault(key, []).append((shift(off, spec.offsets), piece))
+                pieces.setdefault(key, []).append((off, piece))
     return {key: Boxes(shapes[key], boxes) for key, boxes in pieces.items()}, table
 
 
@@ -211,7 +209,7 @@ def add_model(target: LoadTarget, model: torch.nn.Module, place: Placement, pref
             key = MODEL + spec.name
             if prefer_master and tensor.dtype == torch.float32 and MASTER + spec.name in target.saved:
                 key = MASTER + spec.name
-            target.add(key, spec, [(spec.offsets, tensor.detach())])
+            target.add(key, spec, spec.boxes(tensor.detach()))
             names.append(spec.name)
     return names
 
@@ -229,8 +227,8 @@ def add_optimizer(target: LoadTarget, optimizer, model: torch.nn.Module, place: 
             key = OPTIM_KINDS[kind] + spec.name
             if kind == "master" and key not in target.saved:
                 continue  # taken from the parameters after loading
-            boxes = [(shift(off, spec.offsets), flat[start:start + math.prod(sizes)].view(sizes))
-                     for off, sizes, start in flat_range_boxes(tuple(param.shape), first, first + numel)]
+            boxes = [(off, flat[start:start + math.prod(sizes)].view(sizes))
+                     for off, sizes, start in spec.flat_boxes(tuple(param.shape), first, first + numel)]
             pieces.setdefault(key, (spec, []))[1].extend(boxes)
     for key, (spec, boxes) in pieces.items():
         target.add(key, spec, boxes)

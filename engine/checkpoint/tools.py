@@ -328,14 +328,17 @@ def reshard_checkpoint(src: str, dst: str, tensor_model_parallel_size: int, pipe
         boxes = []
         if dim is None or tp == 1:
             boxes.append(((0,) * len(shape), torch.empty(shape, dtype=out_dtype, device="meta")))
-        else:
-            if shape[dim] % tp:
-                raise ValueError(f"{key}: dim {dim} of size {shape[dim]} is not divisible by TP={tp}")
-            part = shape[dim] // tp
-            for r in range(tp):
-                off = tuple(r * part if d == dim else 0 for d in range(len(shape)))
-                size = [part if d == dim else s for d, s in enumerate(shape)]
-                boxes.append((off, torch.empty(size, dtype=out_dtype, device="meta")))
+        else:  # one chunk per target TP rank's piece (`stride` pieces each for a strided partition)
+            stride = info.get("partition_stride", 1)
+            if shape[dim] % (tp * stride):
+                raise ValueError(f"{key}: dim {dim} of size {shape[dim]} is not divisible by TP={tp}"
+                                 + (f" x partition stride {stride}" if stride != 1 else ""))
+            part = shape[dim] // (tp * stride)
+            for k in range(stride):
+                for r in range(tp):
+                    off = tuple(k * (shape[dim] // stride) + r * part if d == dim else 0 for d in range(len(shape)))
+                    size = [part if d == dim else s for d, s in enumerate(shape)]
+                    boxes.append((off, torch.empty(size, dtype=out_dtype, device="meta")))
 
         def produce(off, size, key=key, source=source, cast=cast):
             full = load(key, source, cast)
