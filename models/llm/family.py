@@ -183,6 +183,8 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
                  "%d-token window %.4f nats/token", cfg.data.synthetic.out_dir, data.entropies["entropy_rate_nats"],
                  data.entropies["first_position_nats"], cfg.model.seq_length,
                  window_entropy_floor(data.entropies, cfg.model.seq_length))
+    if cfg.checkpoint.init_from and ctx.is_logging_rank:
+        warn_model_differs_from_init(cfg)
     model = build_model(cfg, ctx, precision)
     train_loader = None
     if model.pre_process or model.post_process:
@@ -193,6 +195,38 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
                          eval_fn=make_eval_fn(cfg, ctx, model, data, link),
                          summary=partial(data_totals, ctx, train_loader if model.pre_process else None),
                          flops_per_sample=training_flops_per_sequence(cfg.model))
+
+
+def warn_model_differs_from_init(cfg) -> None:
+    """`checkpoint.init_from` loads weights by name and shape only; a model section that differs from
+    the one the checkpoint was written with in anything else (norm epsilon, RoPE base or scaling,
+    a Hugging Face import's settings) would run other numerics on the same weights. Say which keys."""
+    from dataclasses import asdict
+
+    from engine.checkpoint.manager import resolve_checkpoint
+    from engine.checkpoint.reader import CheckpointReader
+    from engine.checkpoint.storage import CheckpointError
+    from engine.checkpoint.tools import _config_from_yaml
+    from engine.config import _flatten
+
+    try:
+        meta = CheckpointReader(resolve_checkpoint(cfg.checkpoint.init_from)).meta
+        if meta.get("family") != "llm":
+            return  # loading will name the mismatch
+        saved = _flatten(asdict(_config_from_yaml(meta["config_yaml"], LLM).model))
+    except (CheckpointError, OSError, KeyError):
+        return  # loading will name what is wrong with the checkpoint
+    ours = _flatten(asdict(cfg.model))
+    ignore = ("seq_length", "hidden_dropout", "attention_dropout", "attention_backend", "use_flash_attention",
+              "megatron_amp_O2", "activations_checkpoint_granularity", "activations_checkpoint_method",
+              "activations_checkpoint_num_layers")  # training choices, not the function the weights compute
+    changed = [f"model.{k}: {saved[k]!r} in the checkpoint, {ours.get(k)!r} here" for k in sorted(saved)
+               if k not in ignore and saved[k] != ours.get(k)]
+    if changed:
+        log.warning("checkpoint.init_from=%s was written with another model section; the weights load, but these "
+                    "keys change what they compute: %s (take them from the checkpoint's config: `python "
+                    "examples/convert_checkpoint.py inspect %s`)", cfg.checkpoint.init_from, "; ".join(changed),
+                    cfg.checkpoint.init_from)
 
 
 def data_totals(ctx, train_loader) -> dict:

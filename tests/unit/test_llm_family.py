@@ -143,3 +143,26 @@ def test_build_reads_on_the_stage_and_evaluates_the_whole_eval_set(single_rank, 
     assert abs(metrics["source_nll"] - metrics["entropy_floor"]) < 0.15 * metrics["entropy_floor"]
     summary = parts.summary()
     assert summary["data_sequences_read"] == 2 and summary["data_tokens_read"] == 48
+
+
+def test_init_from_a_checkpoint_with_another_model_section_is_named(single_rank, tmp_path, caplog):
+    """Weights load by name and shape, so a run whose model section differs from the checkpoint's in
+    anything else (here the norm epsilon and the RoPE base) hears which keys."""
+    from engine.checkpoint.tools import write_model_checkpoint
+    from models.llm.family import warn_model_differs_from_init
+
+    llm = get_family("llm")
+    saved = _config(*SMALL)
+    with torch.device("meta"):
+        state = llm.reference_model(saved.model).state_dict()
+    write_model_checkpoint(str(tmp_path / "ckpt"), saved, {k: torch.zeros(v.shape) if torch.is_tensor(v) else v
+                                                           for k, v in state.items()})
+    caplog.set_level("WARNING", logger="engine")
+    caplog.clear()
+    warn_model_differs_from_init(_config(*SMALL, f"checkpoint.init_from={tmp_path}/ckpt", "model.hidden_dropout=0.1"))
+    assert not [r for r in caplog.records if r.name == "engine"]  # dropout is a training choice, not the model
+    warn_model_differs_from_init(_config(*SMALL, f"checkpoint.init_from={tmp_path}/ckpt", "model.layernorm_epsilon=1e-6",
+                                         "model.rotary_base=500000"))
+    message = [r for r in caplog.records if r.name == "engine"][-1].getMessage()
+    assert "model.layernorm_epsilon: 1e-05 in the checkpoint, 1e-06 here" in message
+    assert "model.rotary_base: 10000.0 in the checkpoint, 500000.0 here" in message
