@@ -42,7 +42,7 @@ def test_preflight_names_every_problem(tmp_path):
     write_word_tokenizer([f"w{i}" for i in range(100)], str(tmp_path))
     (tmp_path / "docs.jsonl").write_text('{"text": "w1 w2"}\n')
     cfg = _config(f"data.train_shards={tmp_path}/docs.jsonl", f"data.tokenizer.path={tmp_path}/tokenizer.json")
-    assert llm.preflight(cfg) == ["model.vocab_size=68 is smaller than the tokenizer's 104 tokens "
+    assert llm.preflight(cfg) == ["model.vocab_size=36 is smaller than the tokenizer's 104 tokens "
                                   f"({tmp_path}/tokenizer.json): set model.vocab_size=104 (or use the model's own "
                                   "tokenizer)"]
     assert llm.preflight(_config(f"data.train_shards={tmp_path}/docs.jsonl", "model.vocab_size=104",
