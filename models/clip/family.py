@@ -22,6 +22,7 @@ from engine.evaluation import (
     zero_shot_accuracy,
 )
 from engine.family import ModelFamily, TrainingParts
+from engine.flops import BatchLayout, clip_flops_per_sample
 from engine.layout import check_divides
 from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
@@ -194,7 +195,9 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
     return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device),
                          train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link),
-                         summary=partial(data_totals, ctx, train_loader))
+                         summary=partial(data_totals, ctx, train_loader),
+                         flops_per_sample=clip_flops_per_sample(cfg.model, BatchLayout(
+                             cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)))
 
 
 def data_totals(ctx, train_loader) -> dict:
