@@ -23,6 +23,7 @@ import torch.distributed as dist
 from data.text import build_text_dataloader, expand_text_shards
 from data.tokenizers import Tokenizer, build_tokenizer
 from engine.family import ModelFamily, TrainingParts
+from engine.flops import gpt_flops_per_token
 from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
 from models.common.attention import announce_attention_backend
@@ -32,7 +33,6 @@ from models.llm.config import (
     llm_layout_problems,
     llm_vocab_rows,
 )
-from models.llm.flops import training_flops_per_sequence
 from models.llm.model import LLMModel, count_parameters, llm_forward_step
 from parallel.p2p import StageLink
 
@@ -194,7 +194,7 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     return TrainingParts(model=model, forward_step=llm_forward_step, train_loader=train_loader,
                          eval_fn=make_eval_fn(cfg, ctx, model, data, link),
                          summary=partial(data_totals, ctx, train_loader if model.pre_process else None),
-                         flops_per_sample=training_flops_per_sequence(cfg.model))
+                         flops_per_sample=llm_flops_per_sequence(cfg.model))
 
 
 def warn_model_differs_from_init(cfg) -> None:
@@ -227,6 +227,18 @@ def warn_model_differs_from_init(cfg) -> None:
                     "keys change what they compute: %s (take them from the checkpoint's config: `python "
                     "examples/convert_checkpoint.py inspect %s`)", cfg.checkpoint.init_from, "; ".join(changed),
                     cfg.checkpoint.init_from)
+
+
+def llm_flops_per_sequence(model_cfg: LLMConfig) -> float:
+    """Model FLOPs of one training sample (a sequence of seq_length tokens), engine.flops' decoder
+    formula: 6 * N * S (N the matmul parameters: layer linears and the output layer over the true
+    vocabulary, not the embedding lookup) + 12 * L * S^2 * heads * head_dim, causal not discounted."""
+    m = model_cfg
+    per_token = gpt_flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size,
+                                    num_heads=m.num_attention_heads, seq_len=m.seq_length, vocab_size=m.vocab_size,
+                                    num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
+                                    gated_mlp=m.activation in ("swiglu", "geglu"))
+    return per_token * m.seq_length
 
 
 def data_totals(ctx, train_loader) -> dict:

@@ -85,26 +85,24 @@ def test_layout_problems_name_their_keys():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_flop_formula_counts_the_models_matmul_weights(tied):
-    """N of 6*N*S is every 2-d weight of the built model except the embedding lookup, with the
-    logit projection counted once per use (the tied matrix twice), over the true vocabulary."""
+def test_flops_per_sample_counts_the_models_matmul_weights(tied):
+    """The family's FLOPs per sequence (engine.flops' decoder formula) against the built model: 6 x
+    every 2-d weight but the embedding lookup (the logit projection once, over the true vocabulary)
+    x S, plus 12 L S^2 heads head_dim."""
     from engine.checkpoint.tools import single_process_parallel_state
     from models.llm.config import llm_preset
-    from models.llm.flops import matmul_parameters, training_flops_per_sequence
+    from models.llm.family import llm_flops_per_sequence
 
     cfg = llm_preset("tiny", share_embeddings_and_output_weights=tied, vocab_size=500)
     with single_process_parallel_state(), torch.device("meta"):
         model = get_family("llm").reference_model(cfg)
-    counted = 0
+    matmul = cfg.vocab_size * cfg.hidden_size  # the logit projection (the tied matrix's second use)
     for name, param in model.named_parameters():
-        if param.ndim == 2:
-            rows = cfg.vocab_size if name in ("embedding.word_embeddings.weight", "output_layer.weight") else param.shape[0]
-            counted += rows * param.shape[1] * (2 if tied and name.startswith("embedding") else 1)
-    counted -= cfg.vocab_size * cfg.hidden_size  # the lookup itself does no matmul
-    assert matmul_parameters(cfg) == counted
+        if param.ndim == 2 and name not in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            matmul += param.numel()
     s = cfg.seq_length
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * s * s
-    assert training_flops_per_sequence(cfg) == 6 * counted * s + attention
+    assert llm_flops_per_sequence(cfg) == pytest.approx(6 * matmul * s + attention, rel=1e-12)
 
 
 def test_build_reads_on_the_stage_and_evaluates_the_whole_eval_set(single_rank, tmp_path):
