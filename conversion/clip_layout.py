@@ -295,6 +295,52 @@ def pad_ffn(cfg: CLIPConfig, state: Mapping, multiple: int) -> tuple[CLIPConfig,
     return cfg, state
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _listing(items: list[str]) -> str:
+    return f"{' and '.join(items)} {'is' if len(items) == 1 else 'are'}"
+
+
+def sharding_problems(cfg: CLIPConfig, tp: int, pp: int = 1, pad_ffn_to_multiple: int = 1) -> list[str]:
+    """Every reason an import of `cfg` cannot be cut for tensor-parallel size `tp` and pipeline size
+    `pp`, with advice that works when followed (fixing one problem does not reveal the next), or [].
+
+    MLP widths are first padded to `pad_ffn_to_multiple` (the importer's --pad-ffn-to-multiple);
+    heads cannot be padded; the vocabulary needs nothing (megatron pads it for each TP size)."""
+    if tp < 1 or pp < 1 or pad_ffn_to_multiple < 1:
+        return [f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp} and --pad-ffn-to-multiple "
+                f"{pad_ffn_to_multiple} must be at least 1"]
+    towers = (("vision", cfg.vision), ("text", cfg.text))
+    multiple = pad_ffn_to_multiple
+    widths = {name: -(-t.ffn_hidden_size // multiple) * multiple for name, t in towers}
+    problems = []
+    bad_heads = [f"model.{n}.num_attention_heads={t.num_attention_heads}" for n, t in towers
+                 if t.num_attention_heads % tp]
+    if bad_heads:
+        problems.append(f"{_listing(bad_heads)} not divisible by tensor_model_parallel_size={tp} (attention heads "
+                        "cannot be padded)")
+    bad_ffn = [f"model.{n}.ffn_hidden_size={t.ffn_hidden_size}" + (f" (padded to {widths[n]})" if widths[n] !=
+               t.ffn_hidden_size else "") for n, t in towers if widths[n] % tp]
+    if bad_ffn:
+        fix = "" if bad_heads else (f": add --pad-ffn-to-multiple {math.lcm(multiple, tp)} (zero MLP units: the same "
+                                    "function; export-open-clip --model-name trims them)")
+        problems.append(f"{_listing(bad_ffn)} not divisible by tensor_model_parallel_size={tp}{fix}")
+    if bad_heads:  # name the sizes that work, with the padding each needs
+        working = []
+        for size in _divisors(math.gcd(*(t.num_attention_heads for _, t in towers))):
+            needs_pad = any(w % size for w in widths.values())
+            working.append(f"{size} (with --pad-ffn-to-multiple {size})" if needs_pad else str(size))
+        problems.append(f"tensor_model_parallel_size values that work: {', '.join(working)}")
+    bad_layers = [f"model.{n}.num_layers={t.num_layers}" for n, t in towers if t.num_layers % pp]
+    if bad_layers:
+        layer_pp = ", ".join(map(str, _divisors(math.gcd(*(t.num_layers for _, t in towers)))))
+        problems.append(f"{_listing(bad_layers)} not divisible by pipeline_model_parallel_size={pp}: every stage "
+                        f"holds the same share of both towers' layers; sizes that work: {layer_pp}")
+    return problems
+
+
 def trim_ffn(cfg: CLIPConfig, state: Mapping, vision_ffn: int, text_ffn: int) -> tuple[CLIPConfig, dict]:
     """Undo `pad_ffn`: keep the first `vision_ffn` / `text_ffn` MLP units; the dropped units must be
     padding (all-zero fc2 columns), otherwise they carry weights and the trim raises."""

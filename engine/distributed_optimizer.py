@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from engine.grad_norm import counts_toward_norm
 from engine.loss_scaler import ConstantLossScaler
+from parallel.collectives import all_gather_into, reduce_scatter_into
 from parallel.sequence_parallel import allreduce_over_tp, is_sequence_parallel
 
 ADAM_SLICE = 1 << 22  # elements updated at a time (bounds the temporary to 16 MB in fp32)
@@ -214,7 +215,7 @@ class FlatAdamW:
         grads.div_(self.dp_size)
         if self.sharded:
             out = self._grad_shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk // self.dp_size]
-            bucket.handle = dist.reduce_scatter_tensor(out, grads, group=self.dp_group, async_op=True)
+            bucket.handle = reduce_scatter_into(out, grads, self.dp_group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
 
@@ -314,8 +315,8 @@ class FlatAdamW:
             if self.separate_master:
                 chunk.copy_(master)
             if self.sharded:
-                handles.append(dist.all_gather_into_tensor(self.param_buffer[bucket.start:bucket.end], chunk.clone(),
-                                                           group=self.dp_group, async_op=True))
+                handles.append(all_gather_into(self.param_buffer[bucket.start:bucket.end], chunk.clone(), self.dp_group,
+                                               async_op=True))
         for handle in handles:
             handle.wait()
 

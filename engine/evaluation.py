@@ -2,12 +2,17 @@
 
 Model-agnostic: takes `encode_image` / `encode_text` callables that return L2-normalised features.
 Evaluation batches are split over data-parallel ranks (batch i goes to rank i % DP) and the
-features are gathered, so every rank reports the same numbers over the whole evaluation set.
+features are gathered back in batch order, so every rank reports the same numbers over the whole
+evaluation set, equal to a one-process evaluation's.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("engine")
 
 
 @torch.no_grad()
@@ -21,33 +26,47 @@ def class_embeddings(encode_text, tokenize, classnames: list[str], templates: li
     return torch.stack(rows)
 
 
-def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate rows from every DP rank (sizes may differ); rank order."""
+def _all_gather_objects(obj, group) -> list:
+    """[obj of DP rank 0, 1, ...] on every rank."""
     if group is None or dist.get_world_size(group) == 1:
-        return tensor
+        return [obj]
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, tensor.cpu(), group=group)
-    return torch.cat(parts).to(tensor.device)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
 
 
 @torch.no_grad()
 def collect_features(encode_image, encode_text, batches, dp_rank: int, dp_size: int, dp_group, device):
-    """Features of this rank's share of `batches`, gathered over DP: (images, texts, labels|None)."""
-    images, texts, labels = [], [], []
+    """Features of the whole of `batches`, each rank encoding its share: (images, texts, labels|None),
+    on the CPU, rows in the order of `batches` whatever the split (DP=N returns what DP=1 does).
+
+    A rank may have no batch at all (fewer batches than DP ranks). Labels (`class_index`) are
+    returned only when every batch has them; when some lack them zero-shot cannot be scored, which
+    is logged. An evaluation set without any batch is an error."""
+    mine = []  # (batch index, image features, text features, labels or None)
     for i, batch in enumerate(batches):
         if i % dp_size != dp_rank:
             continue
-        images.append(encode_image(batch["images"].to(device)).float().cpu())
-        texts.append(encode_text(batch["tokens"].to(device)).float().cpu())
-        if "class_index" in batch:
-            labels.append(batch["class_index"].cpu())
-    empty = torch.zeros(0, 0)
-    image_feats = torch.cat(images) if images else empty
-    text_feats = torch.cat(texts) if texts else empty
-    label_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    image_feats, text_feats = _gather_rows(image_feats, dp_group), _gather_rows(text_feats, dp_group)
-    label_t = _gather_rows(label_t, dp_group)
-    return image_feats, text_feats, (label_t if label_t.numel() else None)
+        labels = batch["class_index"].cpu() if "class_index" in batch else None
+        mine.append((i, encode_image(batch["images"].to(device)).float().cpu(),
+                     encode_text(batch["tokens"].to(device)).float().cpu(), labels))
+    everyone = sorted((item for part in _all_gather_objects(mine, dp_group) for item in part), key=lambda it: it[0])
+    if not everyone:
+        raise ValueError("the evaluation set is empty: its loader yielded no batch (check data.eval_shards)")
+    images = torch.cat([it[1] for it in everyone])
+    texts = torch.cat([it[2] for it in everyone])
+    labelled = [it for it in everyone if it[3] is not None]
+    labels = None
+    if len(labelled) == len(everyone):
+        labels = torch.cat([it[3] for it in everyone])
+    elif labelled and _global_rank() == 0:
+        log.warning("%d of %d evaluation batches carry class_index, the others do not: zero-shot accuracy is not "
+                    "scored", len(labelled), len(everyone))
+    return images, texts, labels
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def zero_shot_accuracy(image_feats: torch.Tensor, labels: torch.Tensor, class_embeds: torch.Tensor,

@@ -19,6 +19,7 @@ from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
 from engine.schedules import forward_backward
 from engine.throughput import ThroughputMeter
+from parallel.timeouts import names_collective_timeouts
 
 log = logging.getLogger("engine")
 
@@ -100,15 +101,18 @@ class Trainer:
         stuck = isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.cfg.min_scale
         limit_reached = not isinstance(scaler, DynamicLossScaler) and self.state.skipped_steps >= MAX_CONSECUTIVE_SKIPS
         if stuck or limit_reached:
+            where = f"; {self.checkpoint.healthy_checkpoint_note()}" if self.checkpoint is not None else ""
             raise FloatingPointError(
                 f"training stopped at step {self.state.step + 1}: {self.state.skipped_steps} consecutive steps "
                 f"with non-finite gradients{' at the minimum loss scale' if stuck else ''}; lower optim.lr, "
-                "check the data, or use bf16"
+                f"check the data, or use bf16{where}"
             )
 
+    @names_collective_timeouts(lambda self, *args, **kwargs: f"the last completed training step was {self.state.step}")
     def fit(self, data_iter=None) -> dict:
-        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end.
-        `data_iter` defaults to the train loader's batches (after resume has restored its position)."""
+        """Train to `max_steps`, evaluating every `val_check_interval` steps and at the end (after the
+        final checkpoint). `data_iter` defaults to the train loader's batches (after resume has
+        restored its position)."""
         cfg, last_eval, ckpt = self.cfg, {}, self.checkpoint
         if ckpt is not None:
             ckpt.resume(self)  # step, weights, optimizer, schedule, RNG and data position
@@ -137,18 +141,23 @@ class Trainer:
                 self.progress.log_train(step, metrics)
                 window_start, window_samples, window_tokens = time.time(), 0, 0
             at_interval = cfg.val_check_interval > 0 and step % cfg.val_check_interval == 0
-            if self.eval_fn is not None and (at_interval or step == cfg.max_steps):
+            if self.eval_fn is not None and at_interval and step < cfg.max_steps:  # the last one: after saving
                 last_eval = self.eval_fn(step)
                 self.progress.log_eval(step, last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
             if ckpt is not None:
-                if ckpt.after_step(self):  # interval saves; on SIGTERM/SIGUSR1 save and stop
+                if ckpt.after_step(self, loss=metrics["loss"]):  # interval saves; on SIGTERM/SIGUSR1 save and stop
                     self.preempted = True
                     break
                 if ckpt.last_saved_step == step:
                     window_start = time.time()  # saving time is not training throughput
         if ckpt is not None and not self.preempted:
             ckpt.at_end(self)
+        # After the final save, so a failing evaluation cannot cost the checkpoint; a rerun that
+        # resumes at max_steps evaluates again.
+        if self.eval_fn is not None and not self.preempted:
+            last_eval = self.eval_fn(self.state.step)
+            self.progress.log_eval(self.state.step, last_eval)
         self.progress.close()
         return last_eval
 

@@ -67,20 +67,86 @@ def experiment_config(model_cfg, config_file: str | None = None, overrides=()):
     return exp
 
 
-def _pad_ffn(cfg, full: dict, args):
-    """--pad-ffn-to-multiple: zero MLP units so TP sizes divide the width (same function)."""
-    from conversion.clip_layout import UnsupportedArchitectureError, pad_ffn
+class UsageError(ValueError):
+    """A command that cannot work as given, found before anything is written."""
 
-    if args.pad_ffn_to_multiple > 1:
-        cfg, full = pad_ffn(cfg, full, args.pad_ffn_to_multiple)
-    tp = args.tensor_model_parallel_size
-    for name, tower in (("vision", cfg.vision), ("text", cfg.text)):
-        if tower.ffn_hidden_size % tp:
-            raise UnsupportedArchitectureError(
-                f"model.{name}.ffn_hidden_size={tower.ffn_hidden_size} is not divisible by "
-                f"--tensor-model-parallel-size {tp}: add --pad-ffn-to-multiple {tp} (zero MLP units, the same "
-                "function; export-open-clip --model-name trims them again)")
-    return cfg, full
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _check_layout(cfg, args) -> None:
+    """Every reason the model cannot be written at the requested TP/PP, at once, before anything is."""
+    from conversion.clip_layout import sharding_problems
+
+    problems = sharding_problems(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                 args.pad_ffn_to_multiple)
+    if problems:
+        raise UsageError(f"cannot write this model at --tensor-model-parallel-size {args.tensor_model_parallel_size} "
+                         f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+                         + (f" --pad-ffn-to-multiple {args.pad_ffn_to_multiple}" if args.pad_ffn_to_multiple > 1
+                            else "") + " (nothing was written):\n  " + "\n  ".join(problems))
+
+
+def _check_new_engine_output(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"{out} exists; choose a new directory for the engine checkpoint (nothing was written)")
+
+
+def _engine_checkpoint_around(path: str) -> str | None:
+    """The engine checkpoint directory (or checkpoint root: `latest`, `step_*`, the run lock) that is
+    `path` or contains it, if any."""
+    from engine.checkpoint.lock import LOCK_FILE
+    from engine.checkpoint.storage import FORMAT, LATEST, MARKER_FILE, META_FILE, STEP_PREFIX, read_json
+
+    here = os.path.abspath(path)
+    while True:
+        if os.path.isdir(here):
+            names = set(os.listdir(here))
+            if names & {MARKER_FILE, LATEST, LOCK_FILE} or any(
+                    n.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(here, n, MARKER_FILE)) for n in names):
+                return here
+            if META_FILE in names and _is_engine_meta(os.path.join(here, META_FILE), FORMAT, read_json):
+                return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+def _is_engine_meta(path: str, engine_format: str, read_json) -> bool:
+    try:
+        return read_json(path, "checkpoint description").get("format") == engine_format
+    except Exception:  # noqa: BLE001 - someone else's unreadable meta.json is not an engine checkpoint
+        return False
+
+
+def _check_export_target(out: str, overwrite: bool, files: list[str], directory: bool) -> None:
+    """Never into an engine checkpoint; an existing target only with --overwrite. `files`: the paths
+    this export writes; `directory`: whether `out` is a directory."""
+    engine = _engine_checkpoint_around(out)
+    if engine is not None:
+        where = "is" if os.path.abspath(out) == engine else f"lies inside {engine}, which is"
+        raise UsageError(f"--out {out} {where} an engine checkpoint directory; exports are never written into one "
+                         "(it would then look like a foreign checkpoint): choose a directory outside it")
+    if directory and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not directory and os.path.isdir(out):
+        raise UsageError(f"--out {out} is a directory; give a file name (.safetensors, .pt, .pth, .bin) or a "
+                         "directory name without such a suffix")
+    existing = [f for f in files if os.path.exists(f)]
+    if directory and os.path.isdir(out) and os.listdir(out):
+        existing = existing or [out]
+    if existing and not overwrite:
+        raise UsageError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; add --overwrite to replace "
+                         f"what this export writes ({', '.join(os.path.basename(f) for f in files)}), or choose "
+                         "another --out (nothing was written)")
 
 
 def _default_tokenizer(exp, args) -> None:
@@ -125,6 +191,7 @@ def cmd_import_open_clip(args) -> None:
         read_openclip,
     )
 
+    _check_new_engine_output(args.out)
     state, dir_cfg, preprocess = read_openclip(args.source)
     if args.model_config:
         model_cfg = openclip_model_config(args.model_config)
@@ -145,8 +212,13 @@ def cmd_import_open_clip(args) -> None:
 
 
 def _write_import(cfg, full: dict, args) -> None:
-    """Both importers' tail: pad the MLP if asked, cast, wrap in an experiment config, write, report."""
-    cfg, full = _pad_ffn(cfg, full, args)
+    """Both importers' tail: check the layout, pad the MLP if asked, cast, wrap in an experiment
+    config, write, report."""
+    from conversion.clip_layout import pad_ffn
+
+    _check_layout(cfg, args)
+    if args.pad_ffn_to_multiple > 1:
+        cfg, full = pad_ffn(cfg, full, args.pad_ffn_to_multiple)
     full = _cast(full, _torch_dtype(args.dtype))
     exp = experiment_config(cfg, args.config, args.overrides)
     _default_tokenizer(exp, args)
@@ -156,9 +228,15 @@ def _write_import(cfg, full: dict, args) -> None:
 
 
 def cmd_export_open_clip(args) -> None:
-    from conversion.openclip_format import export_openclip, openclip_model_config, write_openclip
+    from conversion.openclip_format import (
+        OPENCLIP_CONFIG_NAME, OPENCLIP_WEIGHT_NAMES, export_openclip, openclip_model_config, write_openclip,
+    )
     from engine.checkpoint.tools import read_model_checkpoint
 
+    as_file = args.out.endswith((".safetensors", ".pt", ".pth", ".bin"))
+    files = [args.out, args.out + ".json"] if as_file else [
+        os.path.join(args.out, OPENCLIP_WEIGHT_NAMES[0]), os.path.join(args.out, OPENCLIP_CONFIG_NAME)]
+    _check_export_target(args.out, args.overwrite, files, directory=not as_file)
     target = None
     if args.model_config or args.model_name:
         target = openclip_model_config(args.model_config or args.model_name)
@@ -173,15 +251,18 @@ def cmd_export_open_clip(args) -> None:
 def cmd_import_hf_clip(args) -> None:
     from conversion.hf_clip_format import clip_config_from_hf, hf_to_clip_state_dict, read_hf_clip
 
+    _check_new_engine_output(args.out)
     hf_cfg, state, preprocessor = read_hf_clip(args.source)
     cfg = clip_config_from_hf(hf_cfg, preprocessor)
     _write_import(cfg, hf_to_clip_state_dict(state, cfg), args)
 
 
 def cmd_export_hf_clip(args) -> None:
-    from conversion.hf_clip_format import export_hf_clip
+    from conversion.hf_clip_format import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, export_hf_clip
     from engine.checkpoint.tools import read_model_checkpoint
 
+    _check_export_target(args.out, args.overwrite, [os.path.join(args.out, n) for n in
+                                                    (CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME)], directory=True)
     exp, state = read_model_checkpoint(args.checkpoint)
     export_hf_clip(state, exp.model, args.out, _torch_dtype(args.dtype))
     print(f"wrote {args.out} (config.json, model.safetensors, preprocessor_config.json)")
@@ -233,6 +314,7 @@ def cmd_inspect(args) -> None:
 def cmd_reshard(args) -> None:
     from engine.checkpoint.tools import reshard_checkpoint
 
+    _check_new_engine_output(args.out)
     reshard_checkpoint(args.source, args.out, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                        _torch_dtype(args.dtype))
     print(f"wrote {args.out} (TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
@@ -240,11 +322,12 @@ def cmd_reshard(args) -> None:
 
 def _add_engine_target(p) -> None:
     p.add_argument("--out", required=True, help="engine checkpoint directory to write")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+    p.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
                    help="write it sharded for this TP size (default 1; `reshard` changes it later)")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="and this PP size (default 1)")
+    p.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
+                   help="and this PP size (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="parameter dtype to store (default: as the source)")
-    p.add_argument("--pad-ffn-to-multiple", type=int, default=1, metavar="N",
+    p.add_argument("--pad-ffn-to-multiple", type=_positive_int, default=1, metavar="N",
                    help="zero-pad each MLP width up to a multiple of N, an exactly equivalent model (open_clip "
                         "ViT-g-14's 6143 -> 6144 with N=8, so TP sizes divide it)")
     p.add_argument("--config", help="YAML for the non-model sections of the experiment config "
@@ -304,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "checkpoint; MLP units padded on import are trimmed back)")
     target.add_argument("--model-config", help="the same with an open_clip model config JSON")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file / the files this export "
+                                                            "writes in an existing directory")
     p.set_defaults(func=cmd_export_open_clip)
 
     p = sub.add_parser("import-hf-clip", help="Hugging Face CLIPModel directory -> engine checkpoint",
@@ -315,8 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf-clip", help="engine checkpoint -> Hugging Face CLIPModel directory",
                        description="Convert an engine checkpoint into a Hugging Face CLIPModel directory.")
     p.add_argument("checkpoint", help="engine checkpoint directory (any TP/PP)")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--out", required=True, help="directory to write (never inside an engine checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the files this export writes in an existing "
+                                                            "directory (config.json, model.safetensors, "
+                                                            "preprocessor_config.json)")
     p.set_defaults(func=cmd_export_hf_clip)
 
     p = sub.add_parser("inspect", help="summarise a checkpoint",
@@ -328,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rewrite an engine checkpoint for another TP/PP size and/or dtype.")
     p.add_argument("source", help="engine checkpoint directory")
     p.add_argument("out", help="directory to write")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default="keep")
     p.set_defaults(func=cmd_reshard)
     return parser
@@ -350,7 +438,10 @@ def main(argv=None) -> int:
     from conversion.clip_layout import CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError
     from engine.config import ConfigError
 
-    errors = (CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, ConfigError)
+    # ValueError: a layout or argument the tools refuse (UsageError and the conversion errors are
+    # ValueErrors too); OSError: an existing output, a missing or unreadable file, a full disk.
+    errors = (CheckpointFileError, CheckpointMismatchError, UnsupportedArchitectureError, ConfigError, ValueError,
+              OSError)
     try:
         from engine.checkpoint.storage import CheckpointError  # a missing or damaged engine checkpoint
 

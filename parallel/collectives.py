@@ -9,11 +9,27 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch 2.14 renamed the single-tensor collectives (`all_gather_into_tensor` -> `all_gather_single`,
+# `reduce_scatter_tensor` -> `reduce_scatter_single`) and warns (FutureWarning) on every call of the
+# old names; older releases have only the old names. Same arguments, same result.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group, async_op: bool = False):
+    """`output` (world x `tensor`'s rows) = every rank's `tensor`, rank order; a Work when `async_op`."""
+    return _all_gather_single(output, tensor, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group, async_op: bool = False):
+    """`output` = this rank's 1/world slice of the sum of every rank's `tensor`; a Work when `async_op`."""
+    return _reduce_scatter_single(output, tensor, group=group, async_op=async_op)
+
 
 def _gather_along_dim0(tensor: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    all_gather_into(out, tensor.contiguous(), group)
     return out
 
 

@@ -1,7 +1,6 @@
 """Initialise torch.distributed and megatron-core's parallel state from one validated layout."""
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from parallel.cpu_shims import apply_cpu_shims
 from parallel.dims import ParallelDims
 from parallel.launch import LaunchEnv, read_launch_env
 from parallel.random import seed_everything
+from parallel.timeouts import apply_to_every_group, configure
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class ParallelContext:
     launch: LaunchEnv
     device: torch.device
     backend: str
+    timeout_minutes: float = 10.0  # every process group's (parallel.distributed_timeout_minutes)
 
     @property
     def rank(self) -> int:
@@ -88,7 +89,8 @@ def initialize_parallel(
     """Validate the layout, then create process groups and seed every RNG.
 
     The layout check runs before `init_process_group`, so a bad layout fails at once on every rank
-    instead of hanging in a collective.
+    instead of hanging in a collective. Every group (the world, megatron-core's, and the engine's
+    through `parallel.timeouts.new_group`) waits at most `timeout_minutes` for a missing rank.
     """
     launch = read_launch_env(environ)
     # Megatron's TP layers overlap their gradient all-reduce with compute only when the GPU runs one
@@ -101,21 +103,27 @@ def initialize_parallel(
         torch.cuda.set_device(dev)
     else:
         apply_cpu_shims()
+    timeout = configure(timeout_minutes)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=dims.tp,
             pipeline_model_parallel_size=dims.pp,
+            distributed_timeout_minutes=timeout_minutes,  # megatron's default is 30
         )
+    # megatron-core 0.16 makes a few groups without its timeout (e.g. the expert-DP gloo group)
+    changed = apply_to_every_group(timeout)
+    if changed and launch.rank == 0:
+        log.debug("process group timeouts set to %s: %s", timeout, ", ".join(changed))
     seed_everything(seed)
-    ctx = ParallelContext(dims=dims, launch=launch, device=dev, backend=backend)
+    ctx = ParallelContext(dims=dims, launch=launch, device=dev, backend=backend, timeout_minutes=timeout_minutes)
     if launch.rank == 0:
         log.info("parallel layout %s, backend %s, device %s, launched by %s", dims, backend, dev, launch.source)
     return ctx

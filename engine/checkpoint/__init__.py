@@ -16,7 +16,9 @@ numbers), so a converter to megatron's format is a renaming.
   registered model family (the checkpoint names its family).
 - `key_map`: model weights through a `KeyMap` (renames, allowed missing/unused names): TE <-> local
   layers, base weights into LoRA layers, a model assembled from several checkpoints.
+- `lock`: one run per checkpoint directory (a lock file naming its holder, with a heartbeat).
 """
 from engine.checkpoint.key_map import KeyMap, load_model_weights  # noqa: F401
+from engine.checkpoint.lock import CheckpointLockError  # noqa: F401
 from engine.checkpoint.manager import CheckpointManager, load_into  # noqa: F401
 from engine.checkpoint.storage import Boxes, CheckpointError  # noqa: F401

@@ -14,18 +14,32 @@ Asynchronous save (`checkpoint.async_save`): the state is copied to host memory 
 thread (the only blocking part), then written and committed by a background thread; the next save,
 a preemption and the end of training wait for it. A failed asynchronous save is re-raised there; one still running when the process dies is never
 committed (its temporary directory is removed by the next save).
+
+`latest` names only healthy states. A diverged run (fp16 at too high a learning rate, a bad batch)
+keeps stepping with non-finite losses until the trainer gives up, and its saves hold the blown-up
+weights. The weights saved at step N are judged by the loss they produce, which is step N+1's: an
+interval save becomes `latest` only once the next step's loss is finite (an end-of-run or
+preemption save, with no next step, by its own step's loss). A save that fails the test is kept on
+disk for inspection but never named by `latest`, and since keep-K never removes what `latest`
+names, the last healthy checkpoint survives any number of later saves; `checkpoint.resume=auto`
+restarts from it, and the trainer's stop message names it. The price: a crash in the one step
+after an interval save resumes from the save before it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from engine.checkpoint import state as st
+from engine.checkpoint import storage
+from engine.checkpoint.lock import STALE_AFTER_S, CheckpointLockError, RunLock
 from engine.checkpoint.preemption import PreemptionHandler
 from engine.checkpoint.storage import (
     DCP_METADATA,
@@ -49,6 +63,7 @@ from engine.checkpoint.storage import (
     write_json_atomic,
     write_state,
 )
+from parallel.timeouts import new_group
 
 log = logging.getLogger("engine")
 
@@ -116,27 +131,46 @@ def verify_collectively(path: str, checksums: bool, group) -> None:
         raise CheckpointError("checkpoint files are damaged; nothing was loaded:\n  " + "\n  ".join(everyone))
 
 
+@dataclass
+class _LatestCandidate:
+    """A save on its way to becoming `latest`: the pointer moves once the directory is committed (by
+    the writer thread, for an asynchronous save) and the weights are known to be healthy."""
+
+    path: str
+    committed: bool = False
+    healthy: bool | None = None  # None: not known yet (an interval save waits for the next step's loss)
+    pointed: bool = False
+
+
 class CheckpointManager:
     def __init__(self, cfg, ctx=None, *, family: str = "clip", extra_state: dict | None = None,
-                 init_key_map=None, install_signals: bool = True):
+                 init_key_map=None, install_signals: bool = True, lock_stale_after_s: float = STALE_AFTER_S):
         """`cfg` is the family's experiment config (saved whole into each checkpoint); `ctx` the
         `ParallelContext` (None: one process); `family` the registered family name (the offline
         tools rebuild its model); `extra_state` the family's {name: Stateful} saved beside the model
         (see `engine.family.TrainingParts.extra_state`); `init_key_map` how `checkpoint.init_from`
-        names map onto the model (see `engine.checkpoint.key_map`)."""
+        names map onto the model (see `engine.checkpoint.key_map`). Takes the checkpoint directory's
+        lock (see `engine.checkpoint.lock`; `lock_stale_after_s` is its heartbeat age for a holder on
+        another host): another live run there stops every rank with the same `CheckpointLockError`."""
         self.cfg, self.ck = cfg, cfg.checkpoint
         self.family, self.extra_state, self.init_key_map = family, dict(extra_state or {}), init_key_map
         self.root = os.path.abspath(self.ck.dir or os.path.join(cfg.trainer.output_dir, "checkpoints"))
         self.place = st.Placement.from_ctx(ctx) if ctx is not None else st.Placement()
-        self.io_group = dist.new_group(backend="gloo") if _dist() else None
-        self.flag_group = dist.new_group(backend="gloo") if _dist() else None
+        # parallel.timeouts.new_group: with parallel.distributed_timeout_minutes, not torch's 30 minutes
+        self.io_group = new_group(backend="gloo", desc="checkpoint_io") if _dist() else None
+        self.flag_group = new_group(backend="gloo", desc="checkpoint_preemption_flag") if _dist() else None
+        self.lock = self._take_lock(lock_stale_after_s)
         self.preemption = PreemptionHandler(group=self.flag_group)
         if install_signals:
             self.preemption.install()
         self.last_saved_step: int | None = None
         self.last_saved_path: str | None = None
         self.loaded_from: str | None = None
+        self.healthy_path: str | None = None  # what `latest` names (or will, once committed) in this run
         self.timings: list[dict] = []  # one per save / load
+        self._last_loss_finite = True
+        self._awaiting_loss: _LatestCandidate | None = None  # the interval save the next step's loss judges
+        self._pointer_lock = threading.Lock()  # candidates are updated by the writer and the training thread
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
 
@@ -176,9 +210,15 @@ class CheckpointManager:
         self.load(path, trainer)
         return path
 
-    def after_step(self, trainer) -> bool:
-        """Save at the interval; on an agreed preemption save and return True (stop training)."""
+    def after_step(self, trainer, loss: float | None = None) -> bool:
+        """Save at the interval; on an agreed preemption save and return True (stop training).
+        `loss` is this step's (the same on every rank); it judges the previous step's save."""
         step = trainer.state.step
+        self._last_loss_finite = loss is None or math.isfinite(loss)
+        if self._awaiting_loss is not None:
+            self._judge(self._awaiting_loss, self._last_loss_finite, f"the loss of step {step}, the first computed "
+                                                                      "from its weights, is not finite")
+            self._awaiting_loss = None
         if self.preemption.should_stop():
             path = self.save(trainer, reason="preemption")
             self.wait()
@@ -192,16 +232,46 @@ class CheckpointManager:
     def at_end(self, trainer) -> None:
         if self.ck.save_at_end and trainer.state.step >= trainer.cfg.max_steps:
             self.save(trainer, reason="end")
+        if self._awaiting_loss is not None:  # an interval save at the last step: no later loss to wait for
+            self._judge(self._awaiting_loss, self._last_loss_finite,
+                        f"the loss of its step {trainer.state.step} is not finite")
+            self._awaiting_loss = None
         self.wait()
 
+    def healthy_checkpoint_note(self) -> str:
+        """Where a diverged run can restart from, for the trainer's stop message."""
+        if self.healthy_path is None:
+            return f"no healthy checkpoint of this run exists under {self.root}"
+        return (f"the last healthy checkpoint is {self.healthy_path} (`latest` names it, so checkpoint.resume=auto "
+                "restarts there; later saves with non-finite losses are kept but never made latest)")
+
     def close(self) -> None:
-        self.wait()
-        self.preemption.uninstall()
+        """Wait for an asynchronous save, restore the signal handlers, release the directory's lock."""
+        try:
+            self.wait()
+        finally:
+            self.preemption.uninstall()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _take_lock(self, stale_after_s: float) -> RunLock | None:
+        """Collective: rank 0 takes the lock; every rank raises the same error when it cannot."""
+        lock, problem = None, None
+        if _rank() == 0:
+            try:
+                lock = RunLock(self.root, stale_after_s=stale_after_s).acquire()
+            except CheckpointLockError as exc:
+                problem = str(exc)
+        problem = _broadcast(problem, self.io_group)
+        if problem is not None:
+            raise CheckpointLockError(problem)
+        return lock
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "manual") -> str:
         """Collective: write this step's checkpoint and return its path (nothing is written when this
-        manager has just saved or resumed from that very directory)."""
+        manager has just saved or resumed from that very directory). An `interval` save becomes
+        `latest` when the next step's loss is finite (`after_step`), any other when the last loss was."""
         step = trainer.state.step
         final = os.path.join(self.root, step_dirname(step))
         if self.last_saved_step == step and self.last_saved_path == final:
@@ -209,32 +279,65 @@ class CheckpointManager:
         self.wait()
         start = time.time()
         tmp = os.path.join(self.root, tmp_dirname(step))
+        problem = None
         if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            remove_stale_tmp(self.root)  # an interrupted save's leftovers (never loaded)
-            if is_complete(final):  # e.g. saved by a run that crashed before moving `latest`
-                log.warning("checkpoint %s exists; it is replaced once this save is complete", final)
-            os.makedirs(tmp)
-        if _dist():
-            dist.barrier(group=self.io_group)
+            try:
+                if self.lock is not None:
+                    self.lock.verify()  # another run took the directory over while this one was stopped
+                os.makedirs(self.root, exist_ok=True)
+                remove_stale_tmp(self.root)  # an interrupted save's leftovers (never loaded)
+                if is_complete(final):  # e.g. saved by a run that crashed before moving `latest`
+                    log.warning("checkpoint %s exists; it is replaced once this save is complete", final)
+                os.makedirs(tmp)
+            except CheckpointLockError as exc:
+                problem = str(exc)
+        problem = _broadcast(problem, self.io_group)  # also: no rank writes before `tmp` exists
+        if problem is not None:
+            raise CheckpointLockError(problem)
 
         entries, table = self._collect(trainer)
         everyone = _gather({"table": table, "extra": st.extra_state_keys(trainer.model, self.place),
                             "objects": [k for k in entries if not isinstance(entries[k], st.Boxes)]}, self.io_group)
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, META_FILE), self._meta(trainer, everyone, reason))
+        candidate = _LatestCandidate(final)
         if self.ck.async_save:
             entries = st.stage(entries)
             blocking = time.time() - start
             self._thread_error = None
             self._thread = threading.Thread(target=self._write_in_thread, args=(tmp, final, entries, step, start,
-                                                                                 blocking), daemon=True)
+                                                                                 blocking, candidate), daemon=True)
             self._thread.start()
         else:
-            self._write_and_commit(tmp, final, entries, step)
+            self._write_and_commit(tmp, final, entries, step, candidate)
             self._record("save", step, time.time() - start, time.time() - start)
         self.last_saved_step, self.last_saved_path = step, final
+        if reason == "interval":
+            self._awaiting_loss = candidate
+        else:
+            self._judge(candidate, self._last_loss_finite, f"the loss of its step {step} is not finite")
         return final
+
+    def _judge(self, candidate: _LatestCandidate, healthy: bool, why_not: str) -> None:
+        with self._pointer_lock:
+            candidate.healthy = healthy
+            self._point_latest_if_ready(candidate)
+        if healthy:
+            self.healthy_path = candidate.path
+        elif _rank() == 0:
+            log.warning("checkpoint %s is kept, but `latest` stays on %s: %s", candidate.path,
+                        self.healthy_path or "what it named before", why_not)
+
+    def _point_latest_if_ready(self, candidate: _LatestCandidate) -> None:
+        """Under `_pointer_lock`: move `latest` once the candidate is both committed and healthy."""
+        if candidate.committed and candidate.healthy and not candidate.pointed:
+            candidate.pointed = True
+            if _rank() == 0 and not (self.lock is not None and self.lock.lost_to is not None):
+                storage.update_latest(self.root, os.path.basename(candidate.path))
+                removed = prune(self.root, self.ck.keep_last)  # what the old `latest` protected may go now
+                if removed:
+                    log.info("removed %s (checkpoint.keep_last=%d)", ", ".join(map(os.path.basename, removed)),
+                             self.ck.keep_last)
 
     def _collect(self, trainer) -> tuple[dict, dict]:
         model, optimizer = trainer.model, trainer.optimizer
@@ -278,23 +381,26 @@ class CheckpointManager:
             "config_yaml": to_yaml(self.cfg),
         }
 
-    def _write_and_commit(self, tmp: str, final: str, entries: dict, step: int) -> None:
+    def _write_and_commit(self, tmp: str, final: str, entries: dict, step: int, candidate: _LatestCandidate) -> None:
         write_state(tmp, entries, group=self.io_group)
         mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{_rank()}_") and n.endswith(".distcp"))
         files = _gather(describe_files(tmp, mine), self.io_group)
         if _rank() == 0:
             merged = {name: info for part in files for name, info in part.items()}
             merged.update(describe_files(tmp, [META_FILE, DCP_METADATA]))
-            commit(self.root, tmp, os.path.basename(final), merged, step)
+            commit(self.root, tmp, os.path.basename(final), merged, step, point_latest=False)
             removed = prune(self.root, self.ck.keep_last)
             log.info("checkpoint %s saved (%.1f MB)%s", final, sum(i["size"] for i in merged.values()) / 2**20,
                      f"; removed {', '.join(map(os.path.basename, removed))}" if removed else "")
         if _dist():
             dist.barrier(group=self.io_group)
+        with self._pointer_lock:
+            candidate.committed = True
+            self._point_latest_if_ready(candidate)
 
-    def _write_in_thread(self, tmp, final, entries, step, start, blocking) -> None:
+    def _write_in_thread(self, tmp, final, entries, step, start, blocking, candidate) -> None:
         try:
-            self._write_and_commit(tmp, final, entries, step)
+            self._write_and_commit(tmp, final, entries, step, candidate)
             self._record("save", step, blocking, time.time() - start)
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait() on the training thread
             self._thread_error = exc
@@ -329,6 +435,7 @@ class CheckpointManager:
             trainer.scheduler.load_state_dict(meta["scheduler"])
             self.last_saved_step, self.last_saved_path = s.step, os.path.abspath(path)
         self.loaded_from = path
+        self.healthy_path = os.path.abspath(path)
         self._record("load", meta["step"], time.time() - start, time.time() - start)
         log.info("resumed from %s (step %d, %d samples) in %.1f s", path, meta["step"], meta["samples_seen"],
                  time.time() - start)
@@ -360,7 +467,7 @@ def load_into(path: str, place: st.Placement, model, optimizer=None, *, load_opt
     _check_model_coverage(meta, names, error, group)
     if optimizer is not None and "optimizer" not in contents:
         log.warning("checkpoint %s holds model weights only: optimizer state starts fresh", path)
-    elif optimizer is not None:
+    elif optimizer is not None and not load_optimizer:
         log.info("checkpoint.load_optimizer=false: optimizer state starts fresh")
     same_layout = meta["layout"]["tensor_model_parallel_size"] == place.tp_size and \
         meta["layout"]["pipeline_model_parallel_size"] == place.pp_size and \

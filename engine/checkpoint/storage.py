@@ -53,6 +53,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from engine.checkpoint.errors import CheckpointError
+
 log = logging.getLogger("engine")
 
 FORMAT = "megatron-engine-checkpoint"
@@ -62,10 +64,6 @@ MARKER_FILE = "COMPLETE"
 DCP_METADATA = ".metadata"
 LATEST = "latest"
 STEP_PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read as asked (missing, incomplete, corrupt, wrong shapes)."""
 
 
 def step_dirname(step: int) -> str:
@@ -252,8 +250,9 @@ def verify_files(path: str, checksums: bool = True, names: list[str] | None = No
     return problems
 
 
-def commit(root: str, tmp: str, final_name: str, files: dict, step: int) -> str:
-    """Rank 0, after every rank's data is written: marker, rename, pointer. Returns the final path."""
+def commit(root: str, tmp: str, final_name: str, files: dict, step: int, point_latest: bool = True) -> str:
+    """Rank 0, after every rank's data is written: marker, rename, and (unless `point_latest` is
+    False: the caller moves it later, or never) the pointer. Returns the final path."""
     write_json_atomic(os.path.join(tmp, MARKER_FILE), {"format": FORMAT, "step": step, "files": files})
     fsync_dir(tmp)
     final = os.path.join(root, final_name)
@@ -261,7 +260,8 @@ def commit(root: str, tmp: str, final_name: str, files: dict, step: int) -> str:
         remove_checkpoint(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    update_latest(root, final_name)
+    if point_latest:
+        update_latest(root, final_name)
     return final
 
 

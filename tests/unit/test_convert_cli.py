@@ -223,3 +223,68 @@ def test_odd_ffn_needs_padding_for_tp_and_trims_on_export(tmp_path, cli, store, 
     reference.load_state_dict(back, strict=True)
     assert cli.main(["export-open-clip", out, "--model-name", "ViT-B-32", "--out", str(tmp_path / "c.pt")]) == 2
     assert "differs from the target open_clip config" in capsys.readouterr().err
+
+
+def _zeros_open_clip(tmp_path, model_cfg, name):
+    """An open_clip state dict of zeros for `model_cfg` (+ its config JSON): enough for layout checks."""
+    from conversion.files import save_tensor_file
+    from conversion.openclip_format import clip_config_from_openclip, expected_openclip_shapes
+
+    shapes = expected_openclip_shapes(clip_config_from_openclip(model_cfg))
+    save_tensor_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / f"{name}.json").write_text(json.dumps(model_cfg))
+    return ["import-open-clip", str(tmp_path / f"{name}.safetensors"), "--model-config", str(tmp_path / f"{name}.json")]
+
+
+# 6 heads in each tower (width 96, head width 16) and MLP widths 194 and 242 (even; not multiples of 3 or 4).
+HEADS6_ODD_FFN = copy.deepcopy(TINY_ODD_FFN)
+HEADS6_ODD_FFN["vision_cfg"]["width"] = HEADS6_ODD_FFN["text_cfg"]["width"] = 96
+HEADS6_ODD_FFN["text_cfg"]["heads"] = 6
+
+
+def test_every_layout_problem_reported_at_once_with_advice_that_works(tmp_path, cli, store, capsys):
+    args = _zeros_open_clip(tmp_path, HEADS6_ODD_FFN, "h6")
+    assert cli.main(args + ["--out", str(tmp_path / "a"), "--tensor-model-parallel-size", "4",
+                            "--pipeline-model-parallel-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert_checkpoint.py import-open-clip: error: cannot write this model at")
+    assert "model.vision.num_attention_heads=6 and model.text.num_attention_heads=6 are not divisible by " \
+           "tensor_model_parallel_size=4 (attention heads cannot be padded)" in err
+    assert "model.vision.ffn_hidden_size=194 and model.text.ffn_hidden_size=242 are not divisible by " \
+           "tensor_model_parallel_size=4" in err
+    assert "tensor_model_parallel_size values that work: 1, 2, 3 (with --pad-ffn-to-multiple 3), " \
+           "6 (with --pad-ffn-to-multiple 6)" in err
+    assert "model.vision.num_layers=2 and model.text.num_layers=2 are not divisible by " \
+           "pipeline_model_parallel_size=4" in err and "sizes that work: 1, 2" in err
+    assert not store["checkpoints"]
+    # the advice, followed, works
+    assert cli.main(args + ["--out", str(tmp_path / "b"), "--tensor-model-parallel-size", "3",
+                            "--pad-ffn-to-multiple", "3", "--pipeline-model-parallel-size", "2"]) == 0
+    (_, dst, tp, pp, _), = store["reshard"]
+    assert (dst, tp, pp) == (str(tmp_path / "b"), 3, 2)
+
+
+def test_existing_out_is_refused_before_anything_is_written(tmp_path, cli, store, capsys):
+    args = _zeros_open_clip(tmp_path, TINY, "tiny")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something").write_text("keep me")
+    assert cli.main(args + ["--out", str(out), "--tensor-model-parallel-size", "2"]) == 2
+    assert f"{out} exists; choose a new directory" in capsys.readouterr().err
+    assert not store["checkpoints"] and not store["reshard"]  # no staging copy either
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".convert-")]
+    assert (out / "something").read_text() == "keep me"
+    assert cli.main(["reshard", str(tmp_path / "anything"), str(out)]) == 2
+    assert f"{out} exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["reshard", "src", "dst", "--tensor-model-parallel-size", "0"],
+                                  ["reshard", "src", "dst", "--pipeline-model-parallel-size", "-1"],
+                                  ["import-hf-clip", "src", "--out", "dst", "--tensor-model-parallel-size", "0"],
+                                  ["import-open-clip", "src", "--out", "dst", "--pad-ffn-to-multiple", "0"]])
+def test_zero_or_negative_sizes_are_usage_errors(cli, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument" in err and "must be a positive integer" in err

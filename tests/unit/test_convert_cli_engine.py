@@ -90,3 +90,74 @@ def test_missing_engine_checkpoint_is_an_error(tmp_path, capsys):
     cli = load_cli()
     assert cli.main(["export-hf-clip", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) == 2
     assert "absent" in capsys.readouterr().err
+
+
+def _engine_checkpoint(tmp_path, model_cfg=None, name="ckpt"):
+    """An engine checkpoint imported through the CLI from an open_clip state dict of zeros."""
+    from tests.unit.test_convert_cli import _zeros_open_clip
+
+    out = str(tmp_path / name)
+    args = _zeros_open_clip(tmp_path, model_cfg or TINY, f"src_{name}")
+    assert load_cli().main(args + ["--out", out]) == 0
+    return out
+
+
+def test_reshard_layout_errors_are_usage_errors(single_rank, tmp_path, capsys):
+    from tests.unit.test_convert_cli import HEADS6_ODD_FFN
+
+    ckpt = _engine_checkpoint(tmp_path, HEADS6_ODD_FFN)
+    capsys.readouterr()
+    assert load_cli().main(["reshard", ckpt, str(tmp_path / "tp4"), "--tensor-model-parallel-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert_checkpoint.py reshard: error: ") and "Traceback" not in err
+    for problem in ("model.vision.num_attention_heads=6", "model.text.num_attention_heads=6",
+                    "model.vision.ffn_hidden_size=194", "model.text.ffn_hidden_size=242"):  # every one at once
+        assert f"{problem} is not divisible by tensor_model_parallel_size=4" in err, err
+    assert not os.path.exists(tmp_path / "tp4")
+
+
+def test_exports_refuse_existing_targets_unless_overwrite(single_rank, tmp_path, capsys):
+    ckpt = _engine_checkpoint(tmp_path)
+    cli = load_cli()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert cli.main(["export-hf-clip", ckpt, "--out", str(hf)]) == 2
+    assert "config.json exists; add --overwrite" in capsys.readouterr().err
+    assert (hf / "config.json").read_text() == "{}" and sorted(os.listdir(hf)) == ["config.json"]
+    assert cli.main(["export-hf-clip", ckpt, "--out", str(hf), "--overwrite"]) == 0
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    weights = tmp_path / "oc.safetensors"
+    weights.write_bytes(b"not mine to replace")
+    assert cli.main(["export-open-clip", ckpt, "--out", str(weights)]) == 2
+    assert "oc.safetensors exists; add --overwrite" in capsys.readouterr().err
+    assert weights.read_bytes() == b"not mine to replace" and not os.path.exists(str(weights) + ".json")
+    assert cli.main(["export-open-clip", ckpt, "--out", str(weights), "--overwrite"]) == 0
+    assert weights.stat().st_size > 1000 and os.path.exists(str(weights) + ".json")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "notes.txt").write_text("x")
+    assert cli.main(["export-open-clip", ckpt, "--out", str(local)]) == 2
+    assert f"{local} exists; add --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export-hf-clip", "export-open-clip"])
+def test_exports_never_write_into_an_engine_checkpoint(single_rank, tmp_path, capsys, command):
+    ckpt = _engine_checkpoint(tmp_path)
+    cli = load_cli()
+    before = sorted(os.listdir(ckpt))
+    for out in (ckpt, os.path.join(ckpt, "hf")):
+        assert cli.main([command, ckpt, "--out", out, "--overwrite"]) == 2
+        assert "engine checkpoint directory; exports are never written into one" in capsys.readouterr().err
+    assert sorted(os.listdir(ckpt)) == before
+    assert cli.main(["inspect", ckpt]) == 0
+    assert capsys.readouterr().out.startswith(f"checkpoint {ckpt}")  # still an engine checkpoint
+    # a checkpoint root (step_* directories, `latest`) counts as well
+    root = tmp_path / "run" / "checkpoints"
+    os.makedirs(root)
+    os.rename(ckpt, root / "step_000000010")
+    (root / "latest").write_text("step_000000010\n")
+    assert cli.main([command, str(root / "step_000000010"), "--out", str(root / "export"), "--overwrite"]) == 2
+    assert f"lies inside {root}" in capsys.readouterr().err
+    assert sorted(os.listdir(root)) == ["latest", "step_000000010"]
