@@ -164,3 +164,17 @@ def test_init_from_a_checkpoint_with_another_model_section_is_named(single_rank,
     message = [r for r in caplog.records if r.name == "engine"][-1].getMessage()
     assert "model.layernorm_epsilon: 1e-05 in the checkpoint, 1e-06 here" in message
     assert "model.rotary_base: 10000.0 in the checkpoint, 500000.0 here" in message
+
+
+def test_checkpoint_layout_treats_the_untied_output_layer_as_vocab_padded():
+    """The output layer's rows are the padded vocabulary, so a checkpoint saved at one TP (rows padded
+    to 64 x TP here) reloads at another, as the embedding does."""
+    from engine.checkpoint.layout import tensor_specs
+    from engine.checkpoint.tools import single_process_parallel_state
+    from models.llm.config import llm_preset
+
+    with single_process_parallel_state(), torch.device("meta"):
+        model = get_family("llm").reference_model(llm_preset("tiny", share_embeddings_and_output_weights=False))
+    specs = tensor_specs(model, 0, 1)
+    assert specs["output_layer.weight"].padded and specs["embedding.word_embeddings.weight"].padded
+    assert not specs["decoder.layers.0.mlp.linear_fc1.weight"].padded
