@@ -1,10 +1,12 @@
-"""Convert CLIP checkpoints between open_clip, Hugging Face and this engine's format; inspect; reshard.
+"""Convert CLIP and LLM checkpoints between open_clip, Hugging Face and this engine's format; inspect; reshard.
 
     python examples/convert_checkpoint.py --help
     python examples/convert_checkpoint.py import-open-clip b32.safetensors --model-name ViT-B-32 --out ckpt/b32
     python examples/convert_checkpoint.py export-open-clip ckpt/b32 --out b32_open_clip/      # open_clip local-dir
     python examples/convert_checkpoint.py import-hf-clip hf/clip-vit-base-patch32 --out ckpt/b32
     python examples/convert_checkpoint.py export-hf-clip ckpt/b32 --out hf_b32/
+    python examples/convert_checkpoint.py import-hf-llama /models/Llama-3.2-1B --out ckpt/llama32_1b --save-config llama32_1b.yaml
+    python examples/convert_checkpoint.py export-hf-llama runs/llm/checkpoints --out hf_llama/
     python examples/convert_checkpoint.py reshard ckpt/b32 ckpt/b32_tp2 --tensor-model-parallel-size 2
     python examples/convert_checkpoint.py inspect ckpt/b32
 
@@ -39,29 +41,43 @@ def _cast(state: dict, dtype) -> dict:
 
 
 def experiment_config(model_cfg, config_file: str | None = None, overrides=()):
-    """An ExperimentConfig whose model section is `model_cfg` (derived from the source weights).
+    """A CLIP ExperimentConfig whose model section is `model_cfg` (derived from the source weights).
 
     Other sections come from `config_file` / `section.key=value` overrides; `model.*` overrides are
     applied on top and may not change any weight shape.
     """
+    from conversion.clip_layout import expected_clip_shapes
+    from models.clip.config import CLIPExperimentConfig
+
+    return _experiment_config(CLIPExperimentConfig, expected_clip_shapes, model_cfg, config_file, overrides)
+
+
+def llm_experiment_config(model_cfg, config_file: str | None = None, overrides=()):
+    """The same for an LLM (`LLMExperimentConfig`): model.* overrides such as model.seq_length or
+    dropout are taken, ones that change a weight shape are refused."""
+    from conversion.llm_layout import expected_llm_shapes
+    from models.llm.config import LLMExperimentConfig
+
+    return _experiment_config(LLMExperimentConfig, expected_llm_shapes, model_cfg, config_file, overrides)
+
+
+def _experiment_config(experiment_cls, shapes, model_cfg, config_file, overrides):
     from omegaconf import OmegaConf
 
-    from conversion.clip_layout import expected_clip_shapes
     from engine.config import ConfigError, _dotlist_value, load_config, parse_overrides
     from engine.schema import BARE_KEYS
-    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
 
     model_overrides = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
     other = [o for o in overrides if o not in model_overrides]
-    exp = load_config(ExperimentConfig, config_file, other, bare_keys=BARE_KEYS)
+    exp = load_config(experiment_cls, config_file, other, bare_keys=BARE_KEYS)
     exp.model = model_cfg
     if model_overrides:
-        load_config(ExperimentConfig, None, model_overrides)  # unknown keys and bad values stop here
+        load_config(experiment_cls, None, model_overrides)  # unknown keys and bad values stop here
         parsed = parse_overrides(model_overrides, {})
         merged = OmegaConf.merge(OmegaConf.structured(exp),
                                  OmegaConf.from_dotlist([f"{k}={_dotlist_value(v)}" for k, v in parsed.items()]))
         exp = OmegaConf.to_object(merged)
-        if expected_clip_shapes(exp.model) != expected_clip_shapes(model_cfg):
+        if shapes(exp.model) != shapes(model_cfg):
             raise ConfigError(f"{' '.join(model_overrides)}: these overrides change the model's weight shapes; the "
                               "model section comes from the source checkpoint")
     return exp
@@ -268,6 +284,110 @@ def cmd_export_hf_clip(args) -> None:
     print(f"wrote {args.out} (config.json, model.safetensors, preprocessor_config.json)")
 
 
+# -- Hugging Face Llama <-> the LLM ----------------------------------------------------------------
+def cmd_import_hf_llama(args) -> None:
+    from conversion.hf_llama import hf_llama_config_to_llm_config, hf_to_engine_state_dict, read_hf_llama
+    from engine.config import to_yaml
+    from models.llm.config import llm_layout_problems
+
+    _check_new_engine_output(args.out)
+    if args.save_config and os.path.exists(args.save_config):
+        raise UsageError(f"--save-config {args.save_config} exists; choose a new file (nothing was written)")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    hf_config, state = read_hf_llama(args.source)
+    cfg = hf_llama_config_to_llm_config(hf_config, untie_embeddings=args.untie_embeddings)
+    problems = llm_layout_problems(cfg, tp, pp)
+    if problems:
+        hint = " (import with --untie-embeddings)" if cfg.share_embeddings_and_output_weights and pp > 1 else ""
+        raise UsageError(f"cannot write this model at --tensor-model-parallel-size {tp} --pipeline-model-parallel-size "
+                         f"{pp}{hint} (nothing was written):\n  " + "\n  ".join(problems))
+    full = _cast(hf_to_engine_state_dict(state, cfg), _torch_dtype(args.dtype))
+    exp = llm_experiment_config(cfg, args.config, args.overrides)
+    chosen = args.config is not None or any(o.startswith("data.tokenizer.") for o in args.overrides)
+    tokenizer_json = os.path.join(args.source, "tokenizer.json")
+    if not chosen and os.path.isfile(tokenizer_json):  # the model's own tokenizer, for training it
+        exp.data.tokenizer.type, exp.data.tokenizer.path = "huggingface", os.path.abspath(tokenizer_json)
+    exp.parallel.tensor_model_parallel_size, exp.parallel.pipeline_model_parallel_size = tp, pp
+    _write_engine_checkpoint(args.out, exp, full, tp, pp, _torch_dtype(args.dtype))
+    m = exp.model
+    print(f"wrote {args.out}: {m.num_layers} layers x {m.hidden_size} (heads {m.num_attention_heads}, key/value groups "
+          f"{m.query_groups}, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}, "
+          f"{'tied' if m.share_embeddings_and_output_weights else 'untied'}, rope base {m.rotary_base:g}"
+          f"{', llama3 scaling' if m.rope_scaling.type == 'llama3' else ''}) at TP={tp} PP={pp}")
+    if args.save_config:
+        header = (f"# Written by convert_checkpoint.py import-hf-llama {args.source}: the model section is the import's.\n"
+                  f"#   examples/pretrain_llm.py --config {args.save_config} checkpoint.init_from={args.out} ...\n")
+        tmp = args.save_config + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(header + to_yaml(exp))
+        os.replace(tmp, args.save_config)
+        print(f"wrote {args.save_config} (train it: examples/pretrain_llm.py --config {args.save_config} "
+              f"checkpoint.init_from={args.out})")
+
+
+def _hf_tokenizer_of(exp):
+    """(tokenizer.json path, Tokenizer) the LLM experiment names, when it is a Hugging Face one that
+    exists here; else (None, None)."""
+    tok = exp.data.tokenizer
+    path = tok.path if exp.data.train_shards is not None else os.path.join(exp.data.synthetic.out_dir, "tokenizer.json")
+    if tok.type != "huggingface" or path is None:
+        return None, None
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        return None, None
+    from models.llm.family import load_tokenizer
+
+    return file, load_tokenizer(tok, file)
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].upper()
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size such as 5GB, 500MB or 1000000 (bytes), got {text!r}")
+    return value
+
+
+def cmd_export_hf_llama(args) -> None:
+    import glob
+
+    from conversion.hf_dir import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+    from conversion.hf_llama import export_hf_llama
+    from engine.checkpoint.tools import read_model_checkpoint
+    from models.llm.config import LLMExperimentConfig
+
+    files = [os.path.join(args.out, n) for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)]
+    _check_export_target(args.out, args.overwrite, files, directory=True)
+    exp, state = read_model_checkpoint(args.checkpoint)
+    if not isinstance(exp, LLMExperimentConfig):
+        raise UsageError(f"{args.checkpoint} is not an LLM checkpoint (its config is a {type(exp).__name__})")
+    extra, tokenizer_file = {}, None
+    if not args.no_tokenizer:
+        tokenizer_file, tokenizer = _hf_tokenizer_of(exp)
+        if tokenizer is not None:
+            extra = {"bos_token_id": tokenizer.sot_id, "eos_token_id": tokenizer.eot_id,
+                     "pad_token_id": tokenizer.pad_id}
+    if args.overwrite:  # weights of an earlier export (another shard count) must not outlive this one
+        for old in [os.path.join(args.out, WEIGHTS_NAME), os.path.join(args.out, INDEX_NAME),
+                    *glob.glob(os.path.join(args.out, "model-*-of-*.safetensors"))]:
+            if os.path.isfile(old):
+                os.remove(old)
+    export_hf_llama(state, exp.model, args.out, _torch_dtype(args.dtype), args.max_shard_size, **extra)
+    written = ["config.json", "safetensors"]
+    if tokenizer_file is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            source = os.path.join(os.path.dirname(tokenizer_file), name) if name != "tokenizer.json" else tokenizer_file
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(args.out, name))
+                written.append(name)
+    print(f"wrote {args.out} ({', '.join(written)}); LlamaForCausalLM.from_pretrained loads it")
+
+
 def describe_foreign(path: str) -> str | None:
     """A summary of an open_clip file/directory or HF CLIP directory; None for anything else."""
     from conversion.hf_clip_format import CONFIG_NAME, clip_config_from_hf, read_hf_clip
@@ -275,7 +395,12 @@ def describe_foreign(path: str) -> str | None:
         OPENCLIP_CONFIG_NAME, clip_config_from_openclip, openclip_config_from_state_dict, read_openclip,
     )
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME)) and _hf_model_type(path) == "llama":
+        from conversion.hf_llama import hf_llama_config_to_llm_config, read_hf_llama
+
+        hf_cfg, state = read_hf_llama(path)
+        kind, cfg = "Hugging Face Llama directory", hf_llama_config_to_llm_config(hf_cfg)
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME)):
         hf_cfg, state, pre = read_hf_clip(path)
         kind, cfg = "Hugging Face CLIP directory", clip_config_from_hf(hf_cfg, pre)
     elif (os.path.isfile(path) and path.endswith((".safetensors", ".pt", ".pth", ".bin"))) or (
@@ -302,6 +427,12 @@ def describe_foreign(path: str) -> str | None:
     return "\n".join(lines)
 
 
+def _hf_model_type(path: str) -> str | None:
+    from conversion.hf_dir import CONFIG_NAME, read_json
+
+    return read_json(os.path.join(path, CONFIG_NAME)).get("model_type")
+
+
 def cmd_inspect(args) -> None:
     summary = describe_foreign(args.path)
     if summary is None:
@@ -320,21 +451,25 @@ def cmd_reshard(args) -> None:
     print(f"wrote {args.out} (TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
 
 
-def _add_engine_target(p) -> None:
+def _add_engine_target(p, family: str = "clip") -> None:
     p.add_argument("--out", required=True, help="engine checkpoint directory to write")
     p.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
                    help="write it sharded for this TP size (default 1; `reshard` changes it later)")
     p.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
                    help="and this PP size (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="keep", help="parameter dtype to store (default: as the source)")
-    p.add_argument("--pad-ffn-to-multiple", type=_positive_int, default=1, metavar="N",
-                   help="zero-pad each MLP width up to a multiple of N, an exactly equivalent model (open_clip "
-                        "ViT-g-14's 6143 -> 6144 with N=8, so TP sizes divide it)")
+    if family == "clip":
+        p.add_argument("--pad-ffn-to-multiple", type=_positive_int, default=1, metavar="N",
+                       help="zero-pad each MLP width up to a multiple of N, an exactly equivalent model (open_clip "
+                            "ViT-g-14's 6143 -> 6144 with N=8, so TP sizes divide it)")
+        example, overrides = "configs/clip/b32.yaml", ("data.tokenizer.path=bpe_simple_vocab_16e6.txt.gz "
+                                                      "model.text.eot_token_id=49407")
+    else:
+        example, overrides = "configs/llm/llama3.2-1b.yaml", "model.seq_length=4096 data.train_shards=..."
     p.add_argument("--config", help="YAML for the non-model sections of the experiment config "
-                                    "(e.g. configs/clip/b32.yaml); the model section comes from the source")
+                                    f"(e.g. {example}); the model section comes from the source")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. data.tokenizer.path=bpe_simple_vocab_16e6.txt.gz "
-                        "model.text.eot_token_id=49407 (model.* overrides may not change weight shapes)")
+                   help=f"config overrides, e.g. {overrides} (model.* overrides may not change weight shapes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
                "                    preprocessor_config.json; CLIPModel.from_pretrained(DIR) loads it).\n"
                "  Both imports take --tensor-model-parallel-size to write a sharded checkpoint, and\n"
                "                    --pad-ffn-to-multiple N for MLP widths no TP size divides (ViT-g-14: 6143).\n"
-               "  inspect           summarise an engine checkpoint, an open_clip file or a HF CLIP directory.\n"
+               "  import-hf-llama   Hugging Face LlamaForCausalLM directory (config.json + safetensors, sharded or\n"
+               "                    not) -> engine LLM checkpoint at any TP/PP; --untie-embeddings for PP > 1 with a\n"
+               "                    tied model; --save-config writes the experiment config to train it with.\n"
+               "  export-hf-llama   engine LLM checkpoint -> HF directory (LlamaForCausalLM.from_pretrained loads\n"
+               "                    it), with the checkpoint's tokenizer.json when it has one.\n"
+               "  inspect           summarise an engine checkpoint, an open_clip file or a HF CLIP / Llama directory.\n"
                "  reshard           rewrite an engine checkpoint for another TP/PP size and/or dtype.\n"
                "A source that does not match the architecture stops with the missing, unexpected and mis-shaped\n"
                "keys; a truncated or corrupt file stops with its name.")
@@ -407,8 +547,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "preprocessor_config.json)")
     p.set_defaults(func=cmd_export_hf_clip)
 
+    p = sub.add_parser("import-hf-llama", help="Hugging Face LlamaForCausalLM directory -> engine LLM checkpoint",
+                       description="Convert a Hugging Face Llama directory (config.json + safetensors, sharded or "
+                                   "not) into an engine LLM checkpoint.")
+    p.add_argument("source", help="directory with config.json and model.safetensors (or shards + index)")
+    p.add_argument("--untie-embeddings", action="store_true",
+                   help="give a tied model (Llama 3.2) its own output layer, a copy of the embedding "
+                        "(pipeline parallelism needs it)")
+    p.add_argument("--save-config", metavar="YAML", help="also write the experiment config to train the import "
+                                                         "with (its model section is the import's); a new file")
+    _add_engine_target(p, "llm")
+    p.set_defaults(func=cmd_import_hf_llama)
+
+    p = sub.add_parser("export-hf-llama", help="engine LLM checkpoint -> Hugging Face LlamaForCausalLM directory",
+                       description="Convert an engine LLM checkpoint into a Hugging Face Llama directory.")
+    p.add_argument("checkpoint", help="engine checkpoint directory or root (any TP/PP)")
+    p.add_argument("--out", required=True, help="directory to write (never inside an engine checkpoint)")
+    p.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the written weights")
+    p.add_argument("--max-shard-size", type=_parse_size, default=None, metavar="SIZE",
+                   help="safetensors shards of at most SIZE (5GB, 500MB; default 5GB as save_pretrained)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="do not copy the checkpoint's Hugging Face tokenizer files beside the weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the files this export writes in an existing "
+                                                            "directory (config.json, the safetensors, the tokenizer)")
+    p.set_defaults(func=cmd_export_hf_llama)
+
     p = sub.add_parser("inspect", help="summarise a checkpoint",
-                       description="Summarise an engine checkpoint, an open_clip file or a HF CLIP directory.")
+                       description="Summarise an engine checkpoint, an open_clip file, a HF CLIP or HF Llama "
+                                   "directory.")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)
 

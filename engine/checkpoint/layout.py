@@ -103,10 +103,17 @@ class TensorSpec:
         return out
 
 
+# A parameter attribute a model sets on other tensors whose rows are the padded vocabulary (an LLM's
+# untied output layer, a ColumnParallelLinear over the vocabulary): their padding differs between TP
+# sizes as the embedding's does.
+VOCAB_PADDED_ATTR = "vocab_padded"
+
+
 def _vocab_padded_params(model: torch.nn.Module) -> set:
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 
-    return {id(p) for m in model.modules() if isinstance(m, VocabParallelEmbedding) for p in m.parameters(recurse=False)}
+    ids = {id(p) for m in model.modules() if isinstance(m, VocabParallelEmbedding) for p in m.parameters(recurse=False)}
+    return ids | {id(p) for p in model.parameters() if getattr(p, VOCAB_PADDED_ATTR, False)}
 
 
 def param_specs(model: torch.nn.Module, tp_rank: int, tp_size: int) -> dict[str, TensorSpec]:

@@ -2,13 +2,17 @@
 
 The defaults are Llama-3.2-1B's shape; `PRESETS` holds `tiny` (tests and the CPU demo),
 `llama3.2-1b` and `llama3-8b` with the dimensions Meta published (config.json of the Hugging Face
-releases).
+releases). `LLMExperimentConfig` adds the model, data and eval sections to the engine's generic ones.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from engine.config_checks import at_least, greater_than, one_of, probability
+from engine.schema import ExperimentConfig, OptimConfig, TrainerConfig
 
 ROPE_SCALING_TYPES = ("none", "llama3")
 
@@ -142,3 +146,97 @@ def llm_vocab_rows(cfg: LLMConfig, tp: int) -> int:
     """Rows of the vocab-parallel embedding / output layer at tensor-parallel size `tp` (full size)."""
     multiple = cfg.make_vocab_size_divisible_by * tp
     return -(-cfg.vocab_size // multiple) * multiple
+
+
+# -- the experiment (configs/llm/*.yaml mirror it 1:1) ---------------------------------------------
+@dataclass
+class LLMTokenizerConfig:
+    type: str = "huggingface"  # huggingface (a tokenizer.json or its directory) | sentencepiece (a .model)
+    # None: the synthetic corpus's word-level tokenizer.json (only without data.train_shards)
+    path: Optional[str] = None
+    # huggingface: special-token names; None reads tokenizer_config.json beside the file, then common names
+    # (Llama 3's <|begin_of_text|> / <|end_of_text|>, </s>, ...). The eos token ends each document.
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+
+
+@dataclass
+class MarkovCorpusConfig:
+    """The synthetic corpus written when `data.train_shards` is empty: an order-2 Markov source over
+    made-up words with a known entropy rate (data/text_synthetic.py), so validation loss has a floor."""
+
+    out_dir: str = "data_cache/markov"
+    num_train: int = 20000  # documents
+    num_eval: int = 1000
+    docs_per_shard: int = 2000
+    num_words: int = 64
+    branching: int = 6  # words each two-word context can continue with
+    alpha: float = 0.5  # Dirichlet concentration of each context's next-word distribution
+    mean_doc_words: float = 40.0
+    seed: int = 0
+
+
+@dataclass
+class LLMDataConfig:
+    # WebDataset tar shards with txt members or jsonl files (brace pattern, glob, directory);
+    # None: the synthetic Markov corpus
+    train_shards: Optional[str] = None
+    eval_shards: Optional[str] = None
+    text_key: str = "text"  # the field of a jsonl line that holds the document
+    tokenizer: LLMTokenizerConfig = field(default_factory=LLMTokenizerConfig)
+    synthetic: MarkovCorpusConfig = field(default_factory=MarkovCorpusConfig)
+    shuffle_buffer: int = 1000  # documents
+    eod_mask_loss: bool = False  # Megatron's --eod-mask-loss: no loss on predictions made at an EOD input
+    add_bos: bool = False  # start every document with the tokenizer's bos token (Llama 3 pretraining)
+
+
+@dataclass
+class LLMEvalConfig:
+    batch_size: int = 16  # sequences per forward pass
+    num_batches: int = 0  # validation batches per evaluation, split over DP (0: the whole eval set)
+
+
+@dataclass
+class LLMExperimentConfig(ExperimentConfig):
+    """One LLM pre-training experiment."""
+
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="runs/llm"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3.0e-4, weight_decay=0.1, betas=[0.9, 0.95],
+                                                                   eps=1.0e-8))
+    model: LLMConfig = field(default_factory=LLMConfig)
+    data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    eval: LLMEvalConfig = field(default_factory=LLMEvalConfig)
+
+    RULES: ClassVar[list] = [
+        ("model.num_query_groups", at_least(1, integer=True)),
+        ("model.kv_channels", at_least(1, integer=True)),
+        ("model.seq_length", at_least(1, integer=True)),
+        ("model.max_position_embeddings", at_least(1, integer=True)),
+        ("model.vocab_size", at_least(1, integer=True)),
+        ("model.make_vocab_size_divisible_by", at_least(1, integer=True)),
+        ("model.normalization", one_of("RMSNorm", "LayerNorm")),
+        ("model.activation", one_of("swiglu", "geglu", "gelu", "silu", "relu")),
+        ("model.position_embedding_type", one_of("rope")),
+        ("model.rotary_base", greater_than(0)),
+        ("model.rotary_percent", probability(upper_open=False)),
+        ("model.rope_scaling.type", one_of(*ROPE_SCALING_TYPES)),
+        ("model.rope_scaling.factor", greater_than(0)),
+        ("model.rope_scaling.*_freq_factor", greater_than(0)),
+        ("model.rope_scaling.original_max_position_embeddings", at_least(1, integer=True)),
+        ("model.layernorm_epsilon", greater_than(0)),
+        ("model.init_method_std", greater_than(0)),
+        ("model.attention_backend", one_of("sdpa", "flash", "te")),
+        ("model.activations_checkpoint_granularity", one_of("full", "selective")),
+        ("model.activations_checkpoint_method", one_of("uniform", "block")),
+        ("model.activations_checkpoint_num_layers", at_least(1, integer=True)),
+        ("data.tokenizer.type", one_of("huggingface", "sentencepiece")),
+        ("data.shuffle_buffer", at_least(0, integer=True)),
+        ("data.synthetic.num_train", at_least(1, integer=True)),
+        ("data.synthetic.num_eval", at_least(0, integer=True)),
+        ("data.synthetic.docs_per_shard", at_least(1, integer=True)),
+        ("data.synthetic.num_words", at_least(2, integer=True)),
+        ("data.synthetic.branching", at_least(1, integer=True)),
+        ("data.synthetic.alpha", greater_than(0)),
+        ("data.synthetic.mean_doc_words", greater_than(1)),
+        ("eval.num_batches", at_least(0, integer=True)),
+    ]

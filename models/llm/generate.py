@@ -87,10 +87,13 @@ def generation_mask(key_valid: torch.Tensor, query_start: int, query_len: int) -
     return ~allowed[:, None]
 
 
+PIPELINE_REFUSED = ("generation runs the whole model on one pipeline stage; load the checkpoint at "
+                    "pipeline_model_parallel_size=1 (any TP) to generate")
+
+
 def _check_model(model) -> None:
     if not (model.pre_process and model.post_process):
-        raise ValueError("generation runs the whole model on one pipeline stage; load the checkpoint at "
-                         "pipeline_model_parallel_size=1 (any TP) to generate")
+        raise ValueError(PIPELINE_REFUSED)
     if model.attention_backend != "sdpa":
         raise ValueError(f"generation runs on attention_backend=sdpa (the KV cache and the padding mask live "
                          f"there); this model uses {model.attention_backend!r}: build it with sdpa (on GPU, SDPA "

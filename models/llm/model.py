@@ -119,6 +119,10 @@ class LLMModel(torch.nn.Module):
                 self.config.hidden_size, self.padded_vocab_size, config=self.config,
                 init_method=self.config.init_method, bias=False, gather_output=False,
                 skip_weight_param_allocation=tied_here)
+            if self.output_layer.weight is not None:
+                # Its rows are the padded vocabulary, whose padding depends on TP: checkpoints save
+                # and reload it like the embedding (engine.checkpoint.layout.VOCAB_PADDED_ATTR).
+                self.output_layer.weight.vocab_padded = True
 
     # -- pieces ----------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
