@@ -4,4 +4,5 @@ One line per family; modules are imported only when their family is used.
 """
 FAMILIES = {
     "clip": "models.clip.family:CLIP",
+    "dit": "models.dit.family:DIT",
 }
