@@ -57,6 +57,29 @@ def test_resume_is_bit_identical_at_pp2(embeddings, tmp_path):
             assert torch.equal(tensor, state_b[key]), key
     summary = json.loads((split / "final_metrics.json").read_text())
     assert summary["step"] == 4 and summary["dit_target_R@1"] == final[0]["dit_target_R@1"]
+    # Standalone sampling of the PP=2 checkpoint in one process: the run's own evaluation numbers,
+    # and the same vectors from the same seed twice.
+    out_a, out_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    metrics = run_ranks(1, _sample, str(split / "checkpoints"), out_a, out_b)[0]
+    for key, value in final[0].items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5), key
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out_a)), load_file(str(out_b))
+    assert a["generated"].shape == (32, 8) and torch.equal(a["generated"], b["generated"])
+
+
+def _sample(checkpoint, out_a, out_b):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "sample_dit.py")
+    spec = importlib.util.spec_from_file_location("sample_dit_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    metrics = cli.main(["--checkpoint", checkpoint, "--out", str(out_a), "pipeline_model_parallel_size=1"])
+    cli.main(["--checkpoint", checkpoint, "--out", str(out_b), "--no-baselines", "pipeline_model_parallel_size=1"])
+    return metrics
 
 
 def _train_and_evaluate(argv):
