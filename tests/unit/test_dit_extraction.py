@@ -170,3 +170,25 @@ def test_intermediate_layer_and_the_verify_command(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--verify", str(tmp_path / "emb")])
     assert exit_info.value.code == 1 and manifest["chunks"][0]["name"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_hugging_face_tower_gives_transformers_own_features(tmp_path, layer):
+    """hf:DIR towers go through conversion/: patch features of the output (after the final norm) or
+    of layer k, and the image embedding, equal transformers' own forward pass (1e-5)."""
+    from engine.checkpoint.tools import single_process_parallel_state
+    from models.dit.towers import TowerSpec, load_tower, tower_features
+    from tests.unit.test_convert_hf_clip import TINY_TEXT, TINY_VISION, build_hf
+
+    hf = build_hf(TINY_TEXT, TINY_VISION, 32)
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = hf.vision_model(pixel_values=images, output_hidden_states=True)
+        want = hf.vision_model.post_layernorm(out.last_hidden_state) if layer == -1 else out.hidden_states[layer]
+        embedding = hf.visual_projection(hf.vision_model.post_layernorm(out.last_hidden_state[:, 0]))
+    with single_process_parallel_state():
+        tower = load_tower(TowerSpec(f"hf:{tmp_path / 'hf'}", layer=layer), torch.device("cpu"))
+        patches, own = tower_features(tower, images, want_embedding=True)
+    torch.testing.assert_close(patches, want[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own, embedding, atol=1e-5, rtol=1e-5)
