@@ -170,6 +170,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     quiet_optional_extra_warnings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)  # import-time chatter
     if args.settings:
         demo = DemoConfig(**json.loads(args.settings))
     else:
