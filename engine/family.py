@@ -46,6 +46,12 @@ class TrainingParts:
     # How `checkpoint.init_from` names map onto this model (an engine.checkpoint.KeyMap), e.g.
     # base weights into LoRA-wrapped layers; None: the names must match exactly.
     init_key_map: Any = None
+    # Names of scalars `forward_step` returns on the last stage in info["metrics"] (one value per
+    # micro-batch, e.g. the DiT's running cosine): averaged over the step's micro-batches and the
+    # data-parallel replicas like the loss, logged with it and to TensorBoard.
+    train_metrics: tuple = ()
+    # metrics dict -> text for the progress log (a quality band, memory); None: "name value" pairs.
+    describe_train_metrics: Optional[Callable[[dict], str]] = None
 
     @property
     def reads_data(self) -> bool:

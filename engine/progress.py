@@ -17,9 +17,13 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLogger:
-    def __init__(self, max_steps: int, tensorboard_dir: str | None, enabled: bool):
+    def __init__(self, max_steps: int, tensorboard_dir: str | None, enabled: bool, extra: tuple = (),
+                 describe_extra=None):
+        """`extra`: names of a model family's own training metrics, logged on a line of their own
+        (formatted by `describe_extra(metrics)` when given)."""
         self.max_steps = max_steps
         self.enabled = enabled
+        self.extra, self.describe_extra = tuple(extra), describe_extra
         self.writer = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +47,10 @@ class ProgressLogger:
         if "pipeline_bubble" in metrics:
             log.info("step %d/%d | pipeline bubble %.3f (idle share of the 1F1B schedule, mean over stages)",
                      step, self.max_steps, metrics["pipeline_bubble"])
+        if self.extra:
+            text = (self.describe_extra(metrics) if self.describe_extra is not None else
+                    " | ".join(f"{n} {metrics[n]:.4f}" for n in self.extra if n in metrics))
+            log.info("step %d/%d | %s", step, self.max_steps, text)
         self.scalars("train", step, metrics)
 
     def log_eval(self, step: int, metrics: dict) -> None:

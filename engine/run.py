@@ -104,7 +104,8 @@ def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None, lock_taken: bo
                                    lock_taken=lock_taken)
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler, parts.forward_step, eval_fn=parts.eval_fn,
                       precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint,
-                      flops_per_sample=parts.flops_per_sample)
+                      flops_per_sample=parts.flops_per_sample, train_metrics=parts.train_metrics,
+                      describe_train_metrics=parts.describe_train_metrics)
     trainer.parts, trainer.rss_before_model = parts, rss_before_model
     return trainer
 

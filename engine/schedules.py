@@ -14,14 +14,15 @@ same paired, batched sends and receives (see that module), on gloo and NCCL alik
 The model-specific part is `forward_step(model, batch, inputs) -> (output, info)`: `batch` is the
 micro-batch on the stages that read data (the first; the last too when it needs labels), else None; `inputs` the previous stage's
 message (None on the first). On the last stage `output` is the loss; elsewhere it is the message
-for the next stage. `info` counts {"samples", "tokens"}; the first stage's counts are used.
+for the next stage. `info` counts {"samples", "tokens"}; the first stage's counts are used. On the
+last stage `info["metrics"]` may add scalars to log ({name: value}, see TrainingParts.train_metrics).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +36,8 @@ class ScheduleResult:
     tokens: int
     compute_seconds: float  # forward + backward time on this stage
     total_seconds: float  # the whole schedule, waits included
+    # Sums over micro-batches of the scalars forward_step put in info["metrics"] (last stage).
+    metric_sums: dict = field(default_factory=dict)
 
     @property
     def bubble_fraction(self) -> float:
@@ -68,6 +71,7 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     counts = {"samples": 0, "tokens": 0}
+    metric_sums = {}
     compute = 0.0
     backwards_done = 0
     start = time.perf_counter()
@@ -83,6 +87,9 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
             output, info = forward_step(model, batch, inputs)
         if last:
             loss_sum = loss_sum + output.detach().float()
+            for name, value in info.get("metrics", {}).items():
+                value = value.detach().float() if torch.is_tensor(value) else float(value)
+                metric_sums[name] = metric_sums.get(name, 0.0) + value  # no device sync per micro-batch
         if first:
             counts["samples"] += info["samples"]
             counts["tokens"] += info["tokens"]
@@ -133,7 +140,8 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
         done_inputs, done_output = in_flight.popleft()
         input_grads = backward(done_inputs, done_output, link.recv_backward())
         link.send_backward(input_grads)
-    return ScheduleResult(loss_sum, counts["samples"], counts["tokens"], compute, time.perf_counter() - start)
+    return ScheduleResult(loss_sum, counts["samples"], counts["tokens"], compute, time.perf_counter() - start,
+                          metric_sums)
 
 
 @torch.no_grad()

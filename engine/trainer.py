@@ -37,7 +37,8 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, *, eval_fn=None, precision=None,
-                 link=None, train_loader=None, checkpoint=None, flops_per_sample=None):
+                 link=None, train_loader=None, checkpoint=None, flops_per_sample=None, train_metrics=(),
+                 describe_train_metrics=None):
         """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
         `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
         syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
@@ -45,14 +46,19 @@ class Trainer:
         `train_loader` the micro-batches this stage reads (None: it reads none, it gets activations);
         `checkpoint` an `engine.checkpoint.CheckpointManager` (resume, interval and final saves,
         preemption), or None; `flops_per_sample` the model family's training FLOPs per sample
-        (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown)."""
+        (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown).
+        `train_metrics`: names of the scalars `forward_step` reports in info["metrics"] on the last
+        stage, averaged like the loss; `describe_train_metrics` formats them for the progress log
+        (see engine.family.TrainingParts)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
         self.train_loader, self.checkpoint = train_loader, checkpoint
         self.accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, ctx.dims.dp)
         self.state = TrainState()
-        self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
+        self.train_metrics = tuple(train_metrics)
+        self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank,
+                                       extra=self.train_metrics, describe_extra=describe_train_metrics)
         self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
         self.flops_per_sample = flops_per_sample
 
@@ -77,9 +83,11 @@ class Trainer:
             self.state.skipped_steps = 0
         self.scheduler.step()
         # The loss lives on the last pipeline stage, the sample counts on the first.
-        totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction], dtype=torch.float64,
-                              device=run.loss_sum.device)
+        totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction] + [0.0] * len(self.train_metrics),
+                              dtype=torch.float64, device=run.loss_sum.device)
         totals[0] = run.loss_sum.double() / self.accum
+        for i, name in enumerate(self.train_metrics):
+            totals[4 + i] = run.metric_sums.get(name, 0.0) / self.accum
         if self.link is not None:
             dist.all_reduce(totals, group=self.ctx.pp_group)
         dist.all_reduce(totals, group=self.ctx.dp_group)
@@ -88,6 +96,8 @@ class Trainer:
                    "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item())}
         if self.link is not None:  # idle share of the schedule, averaged over stages and replicas
             metrics["pipeline_bubble"] = totals[3].item() / (dp * pp)
+        for i, name in enumerate(self.train_metrics):  # last stage only, so summing over stages keeps it
+            metrics[name] = totals[4 + i].item() / dp
         return metrics
 
     def _skip_nonfinite(self, grad_norm: float) -> None:

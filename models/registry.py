@@ -5,4 +5,5 @@ One line per family; modules are imported only when their family is used.
 FAMILIES = {
     "clip": "models.clip.family:CLIP",
     "llm": "models.llm.family:LLM",
+    "dit": "models.dit.family:DIT",
 }
