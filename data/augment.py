@@ -52,6 +52,8 @@ def torchvision_v2():
 class Augmentation:
     """PIL image -> normalised float tensor [3, size, size]; `augment(image, rng)` as `ImageTransform`."""
 
+    takes_rng = True  # the data pipeline passes its stream RNG (reproducible, restored on resume)
+
     def __init__(self, preset: str, image_size: int, mean=None, std=None, backend: str = "auto",
                  crop_padding: int = 4, flip_p: float = 0.5, erase_p: float = 0.2, seed: int = 0):
         if preset not in PRESETS:

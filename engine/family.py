@@ -46,6 +46,14 @@ class TrainingParts:
     # How `checkpoint.init_from` names map onto this model (an engine.checkpoint.KeyMap), e.g.
     # base weights into LoRA-wrapped layers; None: the names must match exactly.
     init_key_map: Any = None
+    # (step, skipped) after every optimizer step and LR-schedule step, on every rank: `step` is the
+    # number of steps done, `skipped` whether this one's update was skipped (non-finite gradients).
+    # E.g. clamp a learned temperature into its range, advance a family's own clock.
+    after_step: Optional[Callable[[int, bool], None]] = None
+    # () -> a reason to stop (e.g. early stopping on a validation metric), or None; asked after each
+    # step's evaluation. The trainer agrees on it over every rank, saves a checkpoint, logs the
+    # reason and ends the run normally (exit status 0).
+    stop_requested: Optional[Callable[[], Optional[str]]] = None
 
     @property
     def reads_data(self) -> bool:
