@@ -11,7 +11,7 @@ passes (seeded per DP rank and worker, saved in checkpoints), for both backends:
 draws run under a forked torch RNG seeded from it.
 
 Mind that a flip swaps left and right: captions that name them become wrong (the synthetic shapes
-set's do not, but the default pretraining transform has no flip for that reason).
+set's captions do, "on the left"; the default pretraining transform has no flip for that reason).
 """
 from __future__ import annotations
 
