@@ -31,18 +31,16 @@ MODELS = {
     "b32": {"config": "configs/clip/b32.yaml", "batch": 16},
 }
 LAYOUTS = [(1, 2), (2, 1)]  # (TP, DP) on 2 processes
+SHARD_SET = {"num_train": 4000, "num_eval": 100, "image_size": 64, "samples_per_shard": 500}
+# the engine reuses the shards written here instead of writing its default set over them
+SHARD_OVERRIDES = [f"data.synthetic.{key}={value}" for key, value in SHARD_SET.items()]
 
 
-def engine_run(python: str, model: str, tp: int, dp: int, steps: int, warmup: int, shards_dir: str) -> dict:
-    spec = MODELS[model]
-    batch = spec["batch"]
-    res = run_engine(spec["config"], tp * dp,
-                     [f"tensor_model_parallel_size={tp}", f"trainer.global_batch_size={batch}",
-                      f"trainer.micro_batch_size={batch // dp}", "model.text.vocab_size=49408",
-                      "optim.sched.warmup_steps=0", "data.shuffle_buffer=256"],
-                     steps, warmup, shards_dir, python=python)
-    return {"samples_per_s": batch / res["step_time_s"], "step_time_s": res["step_time_s"],
-            "steps": len(res["step_times"]), "batch": batch}
+def engine_overrides(model: str, tp: int, dp: int) -> list[str]:
+    batch = MODELS[model]["batch"]
+    return [f"tensor_model_parallel_size={tp}", f"trainer.global_batch_size={batch}",
+            f"trainer.micro_batch_size={batch // dp}", "model.text.vocab_size=49408",
+            "optim.sched.warmup_steps=0", "data.shuffle_buffer=256", *SHARD_OVERRIDES]
 
 
 def openclip_dims(config_path: str) -> dict:
@@ -60,42 +58,81 @@ def openclip_dims(config_path: str) -> dict:
                      "heads": t.num_attention_heads, "layers": t.num_layers}}
 
 
+def median(values: list) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,b32")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of (open_clip, every engine row) back to back; the table shows medians")
+    parser.add_argument("--baseline-root", default=None,
+                        help="another checkout of the engine (e.g. `git archive` of an older commit) run in "
+                             "every round too, as 'engine (baseline)'")
+    parser.add_argument("--engines-only", action="store_true",
+                        help="with --baseline-root: no open_clip runs; the last column compares with the baseline")
     parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/bench_shapes"))
     parser.add_argument("--out", default=os.path.join(HERE, "results/clip_throughput_cpu"))
     args = parser.parse_args()
 
     from data.synthetic import generate_shapes_dataset
 
-    generate_shapes_dataset(args.shards, num_train=4000, num_eval=100, image_size=64, samples_per_shard=500)
+    generate_shapes_dataset(args.shards, **SHARD_SET)
     shard_spec = os.path.join(args.shards, "train-{000000..000007}.tar")
-    rows = []
+    engines = [("engine", ROOT)] + ([("engine (baseline)", os.path.abspath(args.baseline_root))]
+                                    if args.baseline_root else [])
+    runs = {}  # (model, system, layout) -> [{"step_time_s", "ratio", "loadavg"}] one per round
     for model in args.models.split(","):
         batch = MODELS[model]["batch"]
-        ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
-                                   dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
-                                   threads=2, warmup_steps=args.warmup)
-        rows.append({"model": model, "system": "open_clip_train (1 proc x 2 threads)", "layout": "-",
-                     **{k: ref[k] for k in ("samples_per_s", "step_time_s", "batch")}, "ratio": 1.0})
-        for tp, dp in LAYOUTS:
-            res = engine_run(sys.executable, model, tp, dp, args.steps, args.warmup, args.shards)
-            rows.append({"model": model, "system": "engine (2 ranks x 1 thread)", "layout": f"TP={tp} DP={dp}",
-                         **{k: res[k] for k in ("samples_per_s", "step_time_s", "batch")},
-                         "ratio": res["samples_per_s"] / ref["samples_per_s"]})
+        for _ in range(args.repeats):
+            ref = None
+            if not args.engines_only:
+                ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
+                                           dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
+                                           threads=2, warmup_steps=args.warmup)
+                key = (model, "open_clip_train (1 proc x 2 threads)", "-")
+                runs.setdefault(key, []).append({"step_time_s": ref["step_time_s"], "ratio": 1.0,
+                                                 "loadavg": os.getloadavg()[0]})
+            for tp, dp in LAYOUTS:
+                # the baseline first, so neither version always runs right after open_clip
+                for name, root in reversed(engines) if args.engines_only else engines:
+                    res = run_engine(MODELS[model]["config"], tp * dp, engine_overrides(model, tp, dp), args.steps,
+                                     args.warmup, args.shards, python=sys.executable, root=root)
+                    if ref is None:  # compare with the baseline of this round
+                        ref = {"step_time_s": res["step_time_s"]} if name == "engine (baseline)" else ref
+                    key = (model, f"{name} (2 ranks x 1 thread)", f"TP={tp} DP={dp}")
+                    runs.setdefault(key, []).append({"step_time_s": res["step_time_s"],
+                                                     "ratio": ref["step_time_s"] / res["step_time_s"],
+                                                     "loadavg": os.getloadavg()[0]})
+                    print(f"{key}: {runs[key][-1]}", flush=True)
+                if args.engines_only:
+                    ref = None
+    rows = []
+    for (model, system, layout), rounds in runs.items():
+        times = [r["step_time_s"] for r in rounds]
+        step = median(times)
+        rows.append({"model": model, "system": system, "layout": layout, "batch": MODELS[model]["batch"],
+                     "step_time_s": step, "samples_per_s": MODELS[model]["batch"] / step,
+                     "ratio": median([r["ratio"] for r in rounds]), "rounds": rounds,
+                     "spread": (min(times), max(times))})
     import torch
 
+    loads = [r["loadavg"] for rounds in runs.values() for r in rounds]
     header = (f"CLIP fp32 training throughput, CPU: {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, {args.steps - args.warmup} timed steps "
-              f"after {args.warmup} warm-up")
-    lines = [header, "", "| model | system | layout | global batch | step time (s) | samples/s | vs open_clip |",
-             "|---|---|---|---|---|---|---|"]
+              f"after {args.warmup} warm-up, median of {args.repeats} round(s) run back to back; 1-min load "
+              f"average {min(loads):.1f}-{max(loads):.1f} (the cores were shared with other sessions)")
+    versus = "the baseline" if args.engines_only else "open_clip"
+    lines = [header, "", "| model | system | layout | global batch | step time (s), median | min-max (s) | "
+             f"samples/s | vs {versus} (median of rounds) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['system']} | {r['layout']} | {r['batch']} | {r['step_time_s']:.3f} | "
-                     f"{r['samples_per_s']:.1f} | {r['ratio']:.2f}x |")
+                     f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['samples_per_s']:.1f} | {r['ratio']:.2f}x |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,23 +12,45 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_RE = re.compile(r"step (\d+)/\d+ .*\| ([0-9.]+) s/step")
 BUBBLE_RE = re.compile(r"step (\d+)/\d+ \| pipeline bubble ([0-9.]+)")
+MFU_RE = re.compile(r"step (\d+)/\d+ .*\| MFU ([0-9.]+)%")
+PEAK_MEM_RE = re.compile(r"step (\d+)/\d+ .*\| peak mem ([0-9.]+) GiB")
 
 
-def timing_overrides(steps: int, shards_dir: str, output_dir: str) -> list[str]:
-    """Log every step, no evaluation, synthetic shards from `shards_dir`, CPU."""
+def run_process_group(cmd: list[str], timeout: float | None, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` with captured text output, in a session of its own, so that a timeout ends
+    the launcher's children too (torchrun's ranks), not only the launcher."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def timing_overrides(steps: int, shards_dir: str, output_dir: str, device: str = "cpu") -> list[str]:
+    """Log every step, no evaluation, synthetic shards from `shards_dir`, on `device`."""
     return [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
             "eval.zero_shot=false", "eval.retrieval=false", f"data.synthetic.out_dir={shards_dir}",
-            f"trainer.output_dir={output_dir}", "device=cpu", "checkpoint.save_at_end=false"]
+            f"trainer.output_dir={output_dir}", f"device={device}", "checkpoint.save_at_end=false"]
 
 
 def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup: int, shards_dir: str,
-               python: str = sys.executable) -> dict:
-    """Train `steps` steps; return the step times after `warmup` and the run's final_metrics.json."""
+               python: str = sys.executable, prefix: tuple = (), env: dict | None = None, device: str = "cpu",
+               timeout: float | None = None, root: str = ROOT) -> dict:
+    """Train `steps` steps; return the step times after `warmup`, the logged MFU and peak memory
+    (GPU) and the run's final_metrics.json. `prefix` goes before the launch command (a profiler
+    such as `py-spy record ... --`); `root` is the engine checkout to run (another version of it, to
+    compare two versions in one benchmark)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               os.path.join(ROOT, "examples/pretrain_clip.py"), "--config", os.path.join(ROOT, config),
-               *timing_overrides(steps, shards_dir, out), *overrides]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        cmd = [*prefix, python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               os.path.join(root, "examples/pretrain_clip.py"), "--config", os.path.join(root, config),
+               *timing_overrides(steps, shards_dir, out, device), *overrides]
+        env = {**os.environ, **(env or {})}
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = run_process_group(cmd, timeout, cwd=root, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"engine run failed:\n{proc.stderr[-4000:]}")
         with open(os.path.join(out, "final_metrics.json")) as fh:
@@ -35,5 +58,9 @@ def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup
     log = proc.stderr + proc.stdout
     times = [float(t) for step, t in STEP_RE.findall(log) if int(step) > warmup]
     bubbles = [float(b) for step, b in BUBBLE_RE.findall(log) if int(step) > warmup]
+    mfu = [float(m) / 100 for step, m in MFU_RE.findall(log) if int(step) > warmup]
+    peak = [float(m) for _, m in PEAK_MEM_RE.findall(log)]
     return {"step_times": times, "step_time_s": sum(times) / len(times), "final": final,
-            "bubble": sum(bubbles) / len(bubbles) if bubbles else None}
+            "bubble": sum(bubbles) / len(bubbles) if bubbles else None,
+            "mfu_logged": sum(mfu) / len(mfu) if mfu else None, "peak_memory_gib": max(peak) if peak else None,
+            "log_tail": log[-3000:]}

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,7 +114,8 @@ def _venv_python(venv: str) -> str:
 
 def build_command(python: str, model_dir: str, train_data: str, steps: int, batch: int,
                   workers: int = 0, resampled: bool = True, lr: float = 5e-4,
-                  seed: int = 0, extra_args: Optional[List[str]] = None) -> List[str]:
+                  seed: int = 0, extra_args: Optional[List[str]] = None,
+                  precision: str = "fp32", device: str = "cpu") -> List[str]:
     cmd = [
         python, "-m", "open_clip_train.main",
         "--model", f"local-dir:{model_dir}",
@@ -123,8 +125,8 @@ def build_command(python: str, model_dir: str, train_data: str, steps: int, batc
         "--batch-size", str(batch),
         "--epochs", "1",
         "--workers", str(workers),
-        "--precision", "fp32",
-        "--device", "cpu",
+        "--precision", precision,  # fp32, or amp_bf16 (autocast) on GPU
+        "--device", device,
         # AdamW with CLIP-ViT hyper-params (open_clip only picks these when the model
         # name contains "vit", which a local-dir: name does not)
         "--lr", str(lr), "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
@@ -163,11 +165,16 @@ def run_openclip_trainer(train_data: str, steps: int, batch: int, preset: str = 
                          venv: str = DEFAULT_VENV, resampled: bool = True,
                          quick_gelu: bool = False, extra_args: Optional[List[str]] = None,
                          timeout: Optional[float] = None, keep_dir: bool = False,
-                         verbose: bool = False) -> Dict[str, Any]:
+                         verbose: bool = False, prefix: Optional[List[str]] = None,
+                         precision: str = "fp32", device: str = "cpu",
+                         python: Optional[str] = None) -> Dict[str, Any]:
     """Run open_clip_train.main for one epoch of steps*batch samples; return throughput.
 
     dims: optional overrides merged into the preset, e.g.
           {"embed_dim": 256, "vision": {"layers": 4}, "text": {"width": 256}}.
+    prefix: put before the command (a profiler such as `py-spy record ... --`).
+    precision/device: open_clip's --precision and --device (GPU: "amp_bf16", "cuda").
+    python: the interpreter that has open_clip_train (default: the venv's).
     Returns {samples_per_s, step_time_s, steps, batch, ...}.
     """
     cfg = copy.deepcopy(PRESETS[preset])
@@ -180,7 +187,7 @@ def run_openclip_trainer(train_data: str, steps: int, batch: int, preset: str = 
     if steps <= warmup_steps:
         raise ValueError(f"steps ({steps}) must exceed warmup_steps ({warmup_steps})")
     threads = int(threads or os.cpu_count() or 1)
-    python = _venv_python(venv)
+    python = python or _venv_python(venv)
 
     tmp = tempfile.mkdtemp(prefix="openclip_bench_")
     try:
@@ -189,19 +196,28 @@ def run_openclip_trainer(train_data: str, steps: int, batch: int, preset: str = 
         with open(os.path.join(model_dir, "open_clip_config.json"), "w") as f:
             json.dump({"model_cfg": mcfg}, f, indent=2)
         cmd = build_command(python, model_dir, train_data, steps, batch, workers=workers,
-                            resampled=resampled, extra_args=extra_args)
+                            resampled=resampled, extra_args=extra_args, precision=precision, device=device)
+        cmd = list(prefix or []) + cmd
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                             "SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE",
                             "PMI_SIZE", "WANDB_MODE")}
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+                   HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
         load_before = os.getloadavg()[0]
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        # A session of its own: a timeout ends the trainer's data-loader workers too.
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
         wall = time.time() - t0
-        out = proc.stdout
         if verbose:
             sys.stderr.write(out)
         rows = parse_log(out)

@@ -20,8 +20,8 @@ def global_grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None and counts_toward_norm(p)]
     device = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        sq += g.detach().float().pow(2).sum()
+    if grads:  # one fp32 pass per gradient (no squared temporary), then one sum
+        sq = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]).square().sum()
     dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=parallel_state.get_model_parallel_group())
     return sq.sqrt()
 

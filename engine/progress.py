@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
+from engine.throughput import describe
+
 log = logging.getLogger("engine")
 
 
@@ -26,16 +28,17 @@ class ProgressLogger:
         self.start = time.time()
 
     def log_train(self, step: int, metrics: dict) -> None:
-        """`metrics` holds loss, lr, grad_norm, samples_per_s, tokens_per_s, step_time (s)."""
+        """`metrics` holds loss, lr, grad_norm, samples_per_s, tokens_per_s, step_time (s), and may hold
+        TFLOP/s, MFU and peak memory (`engine.throughput`)."""
         if not self.enabled:
             return
         remaining = (self.max_steps - step) * metrics["step_time"]
         log.info(
             "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | %.0f tokens/s | "
-            "%.3f s/step | elapsed %s | ETA %s",
+            "%.3f s/step | elapsed %s | ETA %s%s",
             step, self.max_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
             metrics["samples_per_s"], metrics["tokens_per_s"], metrics["step_time"],
-            format_duration(time.time() - self.start), format_duration(remaining),
+            format_duration(time.time() - self.start), format_duration(remaining), describe(metrics),
         )
         if "pipeline_bubble" in metrics:
             log.info("step %d/%d | pipeline bubble %.3f (idle share of the 1F1B schedule, mean over stages)",

@@ -99,7 +99,8 @@ def build_trainer(cfg, ctx, family: str | ModelFamily):
     checkpoint = CheckpointManager(cfg, ctx, family=family.name, extra_state=parts.extra_state,
                                    init_key_map=parts.init_key_map)
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler, parts.forward_step, eval_fn=parts.eval_fn,
-                      precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint)
+                      precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint,
+                      flops_per_sample=parts.flops_per_sample)
     trainer.parts, trainer.rss_before_model = parts, rss_before_model
     return trainer
 

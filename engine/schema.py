@@ -42,6 +42,8 @@ class TrainerConfig:
     seed: int = 1234
     output_dir: str = "runs/run"  # each family sets its own default
     loss_scaler: LossScalerConfig = field(default_factory=LossScalerConfig)  # fp16 only
+    # Dense BF16 TFLOP/s per device for MFU; None: engine/flops.py's table by GPU name (none on CPU).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

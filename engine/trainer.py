@@ -18,6 +18,7 @@ from engine.layout import accumulation_steps
 from engine.loss_scaler import DynamicLossScaler
 from engine.progress import ProgressLogger
 from engine.schedules import forward_backward
+from engine.throughput import ThroughputMeter
 
 log = logging.getLogger("engine")
 
@@ -35,14 +36,15 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, *, eval_fn=None, precision=None,
-                 link=None, train_loader=None, checkpoint=None):
+                 link=None, train_loader=None, checkpoint=None, flops_per_sample=None):
         """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
         `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
         syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
         context for the forward pass); `link` the `StageLink` to the neighbouring stages (PP > 1);
         `train_loader` the micro-batches this stage reads (None: it reads none, it gets activations);
         `checkpoint` an `engine.checkpoint.CheckpointManager` (resume, interval and final saves,
-        preemption), or None."""
+        preemption), or None; `flops_per_sample` the model family's training FLOPs per sample
+        (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
@@ -51,6 +53,7 @@ class Trainer:
         self.state = TrainState()
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
         self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
+        self.flops_per_sample = flops_per_sample
 
     @property
     def reads_data(self) -> bool:
@@ -113,6 +116,9 @@ class Trainer:
             data_iter = iter(self.train_loader) if self.reads_data else NoDataOnThisStage(self.ctx.pp_rank)
         log.info("training %d steps: global batch %d = micro %d x DP %d x accumulation %d",
                  cfg.max_steps, cfg.global_batch_size, cfg.micro_batch_size, self.ctx.dims.dp, self.accum)
+        dims = self.ctx.dims
+        throughput = ThroughputMeter(self.flops_per_sample, dims.tp * dims.pp * dims.dp, self.ctx.device,
+                                     getattr(cfg, "peak_tflops", None), warn=self.ctx.is_logging_rank)
         window_start, window_samples, window_tokens = time.time(), 0, 0
         while self.state.step < cfg.max_steps:
             metrics = self.train_step(data_iter)
@@ -126,6 +132,7 @@ class Trainer:
                 steps_in_window = (step - 1) % cfg.log_every_n_steps + 1
                 metrics.update(samples_per_s=window_samples / elapsed, tokens_per_s=window_tokens / elapsed,
                                step_time=elapsed / steps_in_window)
+                metrics.update(throughput.metrics(metrics["samples_per_s"]))  # TFLOP/s, MFU, peak memory
                 self.state.history.append((step, metrics["loss"]))
                 self.progress.log_train(step, metrics)
                 window_start, window_samples, window_tokens = time.time(), 0, 0

@@ -1,26 +1,54 @@
 """Data-parallel gradient averaging in flat buckets (device-agnostic: gloo and NCCL alike).
 
-Called once per optimizer step, after the last micro-batch's backward, so gradient accumulation
-costs no extra communication. Buckets are launched asynchronously and waited on together. ZeRO-1
-replaces the all-reduce with a reduce-scatter over the same buckets.
+With more than one DP rank, every parameter's `.grad` is a view into one flat buffer per bucket
+(torch DDP's `gradient_as_bucket_view`): autograd accumulates straight into the buckets, so there is
+no flatten/unflatten copy, and a bucket is all-reduced in place. During the last micro-batch's
+backward (`prepare_backward(last_micro_batch=True)`), a bucket is launched asynchronously as soon as
+all of its gradients have arrived, in bucket order on every rank, overlapping the reduction with the
+rest of backward; `average()` launches what is left and waits. Gradient accumulation costs no extra
+communication. ZeRO-1 (`engine.distributed_optimizer`) replaces the all-reduce with a reduce-scatter
+over its own buckets.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+class _Bucket:
+    def __init__(self, params: list, device, dtype):
+        self.params = params
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+        self.views, offset = [], 0
+        for p in params:
+            self.views.append(self.buffer[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.pending = len(params)
+        self.handle = None
 
 
 class GradientAverager:
-    def __init__(self, params, group, bucket_size_mb: float = 25.0):
+    def __init__(self, params, group, bucket_size_mb: float = 25.0, overlap: bool = True):
         self.params = [p for p in params if p.requires_grad]
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
-        self.buckets = self._make_buckets(bucket_size_mb * 2**20)
+        self.overlap = overlap
+        self.buckets: list[_Bucket] = []
+        self._armed = False
+        self._next_launch = 0
+        self.launched_in_backward = 0  # buckets of the last step reduced while backward ran
+        if self.world > 1:
+            # Reverse parameter order: the order backward produces gradients in.
+            for params_of_bucket in self._group(list(reversed(self.params)), bucket_size_mb * 2**20):
+                self.buckets.append(_Bucket(params_of_bucket, params_of_bucket[0].device, params_of_bucket[0].dtype))
+            self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+            self._adopt_grads()
 
-    def _make_buckets(self, bucket_bytes: float) -> list[list[torch.nn.Parameter]]:
+    @staticmethod
+    def _group(params: list, bucket_bytes: float) -> list[list[torch.nn.Parameter]]:
         buckets, current, size, dtype = [], [], 0, None
-        for p in self.params:
+        for p in params:
             nbytes = p.numel() * p.element_size()
             if current and (size + nbytes > bucket_bytes or p.dtype != dtype):
                 buckets.append(current)
@@ -32,19 +60,61 @@ class GradientAverager:
             buckets.append(current)
         return buckets
 
+    def _adopt_grads(self) -> None:
+        """Point every `.grad` at its bucket view, keeping gradients computed before (a zero one
+        where there is none)."""
+        for bucket in self.buckets:
+            for p, view in zip(bucket.params, bucket.views):
+                if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+                p.grad = view
+
+    def zero_grad(self) -> None:
+        """Zero the buckets and point every `.grad` at its view (one DP rank: drop the gradients)."""
+        if self.world == 1:
+            for p in self.params:
+                p.grad = None
+            return
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            for p, view in zip(bucket.params, bucket.views):
+                p.grad = view
+
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Before each backward: arm the overlapped reduction for the last micro-batch."""
+        self._armed = self.overlap and last_micro_batch and self.world > 1
+        for bucket in self.buckets:
+            bucket.pending = len(bucket.params)
+        self.launched_in_backward = 0
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        bucket = self._bucket_of[id(param)]
+        bucket.pending -= 1
+        # Launch in bucket order so every rank issues the same collectives in the same order.
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending == 0:
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+            self.launched_in_backward += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        for p, view in zip(bucket.params, bucket.views):
+            grad = p.grad
+            if grad is None:  # set to None by someone else: an unused parameter's zero gradient
+                view.zero_()
+            elif grad.data_ptr() != view.data_ptr():  # replaced rather than accumulated in place
+                view.copy_(grad)
+            p.grad = view
+        bucket.buffer.div_(self.world)  # divide first: keeps fp16 sums in range
+        bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+
     def average(self) -> None:
         if self.world == 1:
             return
-        pending = []
+        for bucket in self.buckets[self._next_launch:]:  # not launched during backward
+            self._launch(bucket)
         for bucket in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-            flat = _flatten_dense_tensors(grads)
-            flat.div_(self.world)  # divide first: keeps fp16 sums in range
-            pending.append((bucket, grads, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
-        for bucket, grads, flat, work in pending:
-            work.wait()
-            for p, synced in zip(bucket, _unflatten_dense_tensors(flat, grads)):
-                if p.grad is None:
-                    p.grad = synced
-                else:
-                    p.grad.copy_(synced)
+            bucket.handle.wait()
+            bucket.handle = None
+        self._armed, self._next_launch = False, 0

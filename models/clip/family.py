@@ -23,6 +23,7 @@ from engine.evaluation import (
 )
 from engine.config import ConfigError
 from engine.family import ModelFamily, TrainingParts
+from engine.flops import BatchLayout, clip_flops_per_sample
 from engine.layout import check_divides
 from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
@@ -447,7 +448,9 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device, extras=extras),
                          train_loader=train_loader, eval_fn=eval_fn, extra_state=extra_state,
                          summary=partial(data_totals, ctx, train_loader), init_key_map=key_map,
-                         after_step=after_step, stop_requested=monitor.stop_requested if monitor else None)
+                         after_step=after_step, stop_requested=monitor.stop_requested if monitor else None,
+                         flops_per_sample=clip_flops_per_sample(m, BatchLayout(
+                             cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)))
 
 
 def data_totals(ctx, train_loader) -> dict:
