@@ -130,7 +130,8 @@ def build_teacher(source: TeacherSource, tokenizer, ctx, precision, *, holds: bo
     if holds:
         cfg = teacher_model_config(source, tokenizer)
         teacher = CLIPModel(cfg, pre_process=True, post_process=True, tensor_model_parallel_size=ctx.dims.tp,
-                            pipeline_model_parallel_size=1, use_cpu_initialization=ctx.device.type == "cpu",
+                            pipeline_model_parallel_size=1, whole_model_on_stage=True,
+                            use_cpu_initialization=ctx.device.type == "cpu",
                             sequence_parallel=sequence_parallel, **precision.transformer_overrides()).to(ctx.device)
         teacher.to(precision.params_dtype)
         attach_lora(teacher, cfg.finetune)  # a fine-tuned teacher's checkpoint holds its adapters
