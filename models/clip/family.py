@@ -355,13 +355,9 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     from models.clip.teacher import build_teacher, check_teacher_reads_student_inputs, read_teacher_source
 
     m, distill, finetune = cfg.model, cfg.model.distill, cfg.model.finetune
-    if finetune.scenario == "zero_shot":
-        raise ConfigError("model.finetune.scenario=zero_shot trains nothing: evaluate with examples/eval_clip.py (or "
-                          "examples/finetune_clip.py, which does so for zero_shot)")
-    if (distill.mode or distill.init_from_teacher) and not distill.teacher:
-        raise ConfigError("model.distill.mode / init_from_teacher need model.distill.teacher (the reference model)")
-    if distill.init_from_teacher and cfg.checkpoint.init_from:
-        raise ConfigError("model.distill.init_from_teacher and checkpoint.init_from both initialise the model; choose one")
+    problems = recipe_problems(cfg)  # also checked before launch (preflight); here for direct callers
+    if problems:
+        raise ConfigError("\n".join(problems))
     data = prepare_data(cfg, ctx)
     model = build_model(cfg, ctx, data.tokenizer, precision)
     fast = m.loss.name == "fastclip"
@@ -376,7 +372,7 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
         init_logit_scale_(model.logit_scale, m.loss)
     source = read_teacher_source(distill) if (distill.mode or distill.init_from_teacher) else None
     if source is not None and distill.mode:
-        check_teacher_reads_student_inputs(source, m, data.tokenizer, cfg.data.tokenizer)
+        check_teacher_reads_student_inputs(source, m, data.tokenizer, cfg.data.tokenizer, cfg.trainer.output_dir)
     if distill.init_from_teacher:
         from models.clip.teacher import teacher_full_state
 
@@ -470,7 +466,7 @@ def preflight(cfg) -> list[str]:
     warning when zero-shot evaluation would find no labels."""
     from data.train_tokenizer import REQUIREMENTS
 
-    data, problems = cfg.data, []
+    data, problems = cfg.data, recipe_problems(cfg)
     if data.train_shards is None:
         return problems  # the synthetic set brings its own shards, classes and tokenizer
     for key in ("train_shards", "eval_shards"):
@@ -499,6 +495,37 @@ def preflight(cfg) -> list[str]:
             problems.append(f"data.tokenizer.path: {exc}")
     if not problems and cfg.eval.zero_shot and data.classes_file and data.eval_shards:
         _warn_without_class_index(data.eval_shards, data.classes_file)
+    return problems
+
+
+def recipe_problems(cfg) -> list[str]:
+    """The loss, teacher and fine-tuning settings a run cannot start with, each naming its key."""
+    m, problems = cfg.model, []
+    distill, scenario = m.distill, m.finetune.scenario
+    if m.loss.name == "fastclip":
+        try:
+            resolve_version(m.loss)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if cfg.data.train_shards is not None and (m.loss.data_size is None or m.loss.data_size < 1):
+            problems.append("model.loss.name=fastclip with user shards needs model.loss.data_size: the number of "
+                            "input rows (sample keys are numbered below it, as img2dataset's)")
+    if (distill.mode or distill.init_from_teacher) and not distill.teacher:
+        problems.append("model.distill.mode / init_from_teacher need model.distill.teacher (the reference model)")
+    elif distill.teacher and (distill.mode or distill.init_from_teacher) and not os.path.exists(distill.teacher):
+        problems.append(f"model.distill.teacher={distill.teacher}: no such file or directory")
+    if distill.init_from_teacher and cfg.checkpoint.init_from:
+        problems.append("model.distill.init_from_teacher and checkpoint.init_from both initialise the model; choose one")
+    if scenario == "zero_shot":
+        problems.append("model.finetune.scenario=zero_shot trains nothing: evaluate with examples/eval_clip.py or "
+                        "examples/finetune_clip.py (which does so for zero_shot)")
+    if m.finetune.adapters and not os.path.isfile(m.finetune.adapters):
+        problems.append(f"model.finetune.adapters={m.finetune.adapters}: no such file")
+    if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
+        problems.append(f"checkpoint.init_from={cfg.checkpoint.init_from}: no such checkpoint")
+    if cfg.batch_finder.enabled and cfg.batch_finder.memory_budget_gb is None and cfg.parallel.device == "cpu":
+        problems.append("batch_finder.enabled on CPU needs batch_finder.memory_budget_gb (there is no out-of-memory "
+                        "to catch)")
     return problems
 
 

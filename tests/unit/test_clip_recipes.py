@@ -261,3 +261,52 @@ def test_teacher_from_open_clip_weights_matches_open_clip(single_rank, tmp_path)
     torch.testing.assert_close(image, want_image, atol=TOL, rtol=TOL)
     torch.testing.assert_close(text, want_text, atol=TOL, rtol=TOL)
     assert float(scale) == pytest.approx(float(reference.logit_scale.detach().exp()), rel=1e-6)
+
+
+# ---- preflight, the image folder, 8-bit Adam ----------------------------------------------------
+
+def test_recipe_problems_are_named_before_launch(tmp_path):
+    from models.clip.family import preflight
+
+    cfg = _load("model.loss.name=fastclip", f"data.train_shards={tmp_path}/missing-{{000..001}}.tar",
+                "model.distill.init_from_teacher=true", "checkpoint.init_from=/nonexistent/ckpt",
+                "model.finetune.scenario=zero_shot")
+    problems = "\n".join(preflight(cfg))
+    for part in ("model.loss.data_size", "model.distill.teacher (the reference model)",
+                 "both initialise the model", "scenario=zero_shot trains nothing",
+                 "checkpoint.init_from=/nonexistent/ckpt: no such checkpoint"):
+        assert part in problems, part
+    assert preflight(_load("model.loss.name=fastclip")) == []  # the synthetic set: data_size is its rows
+
+
+def test_image_folder_batches(tmp_path):
+    from PIL import Image
+
+    from data.transforms import build_image_transform
+    from models.clip.evaluate import image_folder_batches
+
+    for folder, color in (("red_circle", (255, 0, 0)), ("blue_square", (0, 0, 255))):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 16), color).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "blue_square" / "broken.jpg").write_bytes(b"not an image")
+    seen = []
+    tokenizer = lambda texts, context_length: (seen.extend(texts), torch.zeros(len(texts), context_length))[1]  # noqa: E731
+    batches, classes = image_folder_batches(str(tmp_path), build_image_transform(16, train=False), tokenizer, 4, 8,
+                                            ["a photo of a {}."])
+    out = list(batches())
+    assert classes["classnames"] == ["blue square", "red circle"]  # sorted folders, underscores as spaces
+    assert [b["images"].shape[0] for b in out] == [4, 2]  # the broken file skipped
+    assert torch.cat([b["class_index"] for b in out]).tolist() == [0, 0, 0, 1, 1, 1]
+    assert seen[0] == "a photo of a blue square." and out[0]["images"].shape[1:] == (3, 16, 16)
+
+
+def test_adamw_8bit_is_an_optional_gpu_extra():
+    from engine.optim import build_optimizer
+    from engine.schema import OptimConfig
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="needs the parameters on a CUDA device; use optim.name=adamw on CPU"):
+        build_optimizer(model, OptimConfig(name="adamw_8bit"))
+    with pytest.raises(ConfigError, match="without model.megatron_amp_O2"):
+        build_optimizer(model, OptimConfig(name="adamw_8bit"), master_weights=True)
