@@ -35,6 +35,7 @@ class TeacherSource:
     path: str
     model_cfg: CLIPConfig
     tokenizer: object = None  # engine checkpoints: the teacher run's data.tokenizer settings
+    tokenizer_file: str | None = None  # ... and the file they name (or the one that run trained)
     full_state: dict | None = None  # open_clip / hf: the converted TP=1 state dict
 
 
@@ -56,7 +57,9 @@ def read_teacher_source(cfg: DistillConfig) -> TeacherSource:
         if family.name != "clip":
             raise ConfigError(f"model.distill.teacher={cfg.teacher} is a {family.name} checkpoint, not a CLIP one")
         exp = _config_from_yaml(reader.meta["config_yaml"], family)
-        return TeacherSource(kind, reader.path, exp.model, tokenizer=exp.data.tokenizer)
+        tok = exp.data.tokenizer
+        return TeacherSource(kind, reader.path, exp.model, tokenizer=tok,
+                             tokenizer_file=tok.path or _trained_tokenizer(exp.trainer.output_dir, tok.vocab_size))
     if kind == "open_clip":
         from conversion.openclip_format import (
             import_openclip,
@@ -78,6 +81,23 @@ def read_teacher_source(cfg: DistillConfig) -> TeacherSource:
     raise ConfigError(f"model.distill.teacher_format={kind!r}: use engine, open_clip or hf")
 
 
+def _trained_tokenizer(output_dir: str, vocab_size: int) -> str:
+    """Where a run that trained its SentencePiece tokenizer keeps it (data/tokenizers.py)."""
+    import os
+
+    return os.path.join(output_dir, "tokenizer", f"spm_bpe_{vocab_size}.model")
+
+
+def _same_file(a: str | None, b: str | None) -> bool | None:
+    """Whether two tokenizer files hold the same bytes; None when either is not there to read."""
+    import filecmp
+    import os
+
+    if not a or not b or not os.path.isfile(a) or not os.path.isfile(b):
+        return None
+    return filecmp.cmp(a, b, shallow=False)
+
+
 def teacher_full_state(source: TeacherSource) -> dict:
     """The teacher's TP=1/PP=1 state dict (every rank reads it: init-from-teacher copies from it)."""
     if source.full_state is not None:
@@ -88,7 +108,8 @@ def teacher_full_state(source: TeacherSource) -> dict:
     return full
 
 
-def check_teacher_reads_student_inputs(source: TeacherSource, student: CLIPConfig, tokenizer, tokenizer_cfg) -> None:
+def check_teacher_reads_student_inputs(source: TeacherSource, student: CLIPConfig, tokenizer, tokenizer_cfg,
+                                       student_output_dir: str = "") -> None:
     """The teacher sees the student's images and tokens: same image size and a vocabulary that
     holds every token id; a different tokenizer setting is warned about (its ids would mean
     other words)."""
@@ -104,11 +125,16 @@ def check_teacher_reads_student_inputs(source: TeacherSource, student: CLIPConfi
         raise ConfigError(f"the teacher's context length ({t.text.encoder_seq_length}) is shorter than the student's "
                           f"({student.text.encoder_seq_length})")
     theirs = source.tokenizer
-    if theirs is not None and (theirs.type, theirs.path, theirs.vocab_size) != (
-            tokenizer_cfg.type, tokenizer_cfg.path, tokenizer_cfg.vocab_size):
-        log.warning("the teacher was trained with data.tokenizer %s, this run uses %s: if the vocabularies differ "
-                    "the teacher reads other words (point data.tokenizer.path to the teacher run's tokenizer)",
-                    vars(theirs), vars(tokenizer_cfg))
+    if theirs is None:
+        return
+    mine = tokenizer_cfg.path or _trained_tokenizer(student_output_dir, tokenizer_cfg.vocab_size)
+    same = _same_file(source.tokenizer_file, mine)
+    if same is None:
+        same = (theirs.type, theirs.path, theirs.vocab_size) == (tokenizer_cfg.type, tokenizer_cfg.path,
+                                                                 tokenizer_cfg.vocab_size)
+    if not same:
+        log.warning("the teacher's tokenizer (%s) is not this run's (%s): the teacher reads other words; point "
+                    "data.tokenizer.path to the teacher run's tokenizer", source.tokenizer_file or vars(theirs), mine)
 
 
 def teacher_model_config(source: TeacherSource, tokenizer) -> CLIPConfig:
