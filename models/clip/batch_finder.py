@@ -1,7 +1,7 @@
 """`batch_finder.enabled`: the largest micro-batch a CLIP run fits, before training starts.
 
-Candidates are the divisors of global_batch_size / DP up to `max_micro_batch`, so gradient
-accumulation still divides. Each trial runs one real forward and backward of this rank's stage
+Candidates are the divisors of global_batch_size / DP up to `max_micro_batch` that leave at least
+PP micro-batches per step, so gradient accumulation still divides and fills the pipeline. Each trial runs one real forward and backward of this rank's stage
 (through the pipeline schedule under PP, with the teacher's forward when there is one) on a
 synthetic batch of that size, with the plain contrastive loss (FastCLIP's state is not touched);
 every rank agrees on each verdict, so they all try the same sizes and keep the same answer.
@@ -66,7 +66,8 @@ def find_clip_micro_batch(cfg, ctx, model, forward_step, link, precision, vocab_
     finder = cfg.batch_finder
     per_replica = cfg.trainer.global_batch_size // ctx.dims.dp
     limit = finder.max_micro_batch or per_replica
-    candidates = [d for d in divisors(per_replica) if d <= limit]
+    # Accumulation must divide, and fill the pipeline (at least PP micro-batches per step).
+    candidates = [d for d in divisors(per_replica) if d <= limit and per_replica // d >= ctx.dims.pp]
     budget = None if finder.memory_budget_gb is None else int(finder.memory_budget_gb * 2**30)
     if ctx.device.type != "cuda" and budget is None:
         raise ConfigError("batch_finder.enabled on CPU needs batch_finder.memory_budget_gb (there is no "
