@@ -36,7 +36,8 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, *, eval_fn=None, precision=None,
-                 link=None, train_loader=None, checkpoint=None, flops_per_sample=None):
+                 link=None, train_loader=None, checkpoint=None, flops_per_sample=None, after_step=None,
+                 stop_requested=None):
         """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
         `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
         syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
@@ -44,7 +45,9 @@ class Trainer:
         `train_loader` the micro-batches this stage reads (None: it reads none, it gets activations);
         `checkpoint` an `engine.checkpoint.CheckpointManager` (resume, interval and final saves,
         preemption), or None; `flops_per_sample` the model family's training FLOPs per sample
-        (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown)."""
+        (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown); `after_step(step,
+        skipped)` runs after every optimizer and LR-schedule step, `stop_requested() -> reason | None`
+        after every step's evaluation (see `engine.family.TrainingParts`)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
@@ -54,6 +57,8 @@ class Trainer:
         self.progress = ProgressLogger(cfg.max_steps, f"{cfg.output_dir}/tensorboard", ctx.is_logging_rank)
         self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
         self.flops_per_sample = flops_per_sample
+        self.after_step, self.stop_requested = after_step, stop_requested
+        self.stop_reason: str | None = None  # fit stopped early at the family's request (after saving)
 
     @property
     def reads_data(self) -> bool:
@@ -75,6 +80,8 @@ class Trainer:
         else:
             self.state.skipped_steps = 0
         self.scheduler.step()
+        if self.after_step is not None:  # e.g. clamp a learned temperature, advance the family's clock
+            self.after_step(self.state.step + 1, result.skipped)
         # The loss lives on the last pipeline stage, the sample counts on the first.
         totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction], dtype=torch.float64,
                               device=run.loss_sum.device)
@@ -147,10 +154,32 @@ class Trainer:
                     break
                 if ckpt.last_saved_step == step:
                     window_start = time.time()  # saving time is not training throughput
+            if self.stop_requested is not None and step < cfg.max_steps:
+                self.stop_reason = self._agreed_stop_reason()
+                if self.stop_reason is not None:
+                    if ckpt is not None:
+                        path = ckpt.save(self, reason="stop")
+                        ckpt.wait()
+                    log.info("training stops at step %d of %d: %s%s", step, cfg.max_steps, self.stop_reason,
+                             f"; checkpoint {path}" if ckpt is not None else "")
+                    break
         if ckpt is not None and not self.preempted:
             ckpt.at_end(self)
         self.progress.close()
         return last_eval
+
+
+    def _agreed_stop_reason(self) -> str | None:
+        """The family's stop request, agreed over every rank: any rank's request stops them all (a
+        decision one rank alone took would leave the others waiting in the next step's collectives)."""
+        reason = self.stop_requested()
+        flag = torch.tensor([1 if reason else 0], dtype=torch.int32, device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag.item()):
+            return None
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        return next(r for r in reasons if r)
 
 
 class NoDataOnThisStage:
