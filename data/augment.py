@@ -11,7 +11,7 @@ passes (seeded per DP rank and worker, saved in checkpoints), for both backends:
 draws run under a forked torch RNG seeded from it.
 
 Mind that a flip swaps left and right: captions that name them become wrong (the synthetic shapes
-set's do not, but the default pretraining transform has no flip for that reason).
+set's captions do, "on the left"; the default pretraining transform has no flip for that reason).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def torchvision_v2():
 
 class Augmentation:
     """PIL image -> normalised float tensor [3, size, size]; `augment(image, rng)` as `ImageTransform`."""
+
+    takes_rng = True  # the data pipeline passes its stream RNG (reproducible, restored on resume)
 
     def __init__(self, preset: str, image_size: int, mean=None, std=None, backend: str = "auto",
                  crop_padding: int = 4, flip_p: float = 0.5, erase_p: float = 0.2, seed: int = 0):

@@ -22,6 +22,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from data.sample_index import sample_index_from_key
 from data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards: list[str], tokenizer, image_transform, context_length: int,
-                 shuffle_buffer: int, seed: int, dp_rank: int, infinite: bool, stats: PipelineStats):
+                 shuffle_buffer: int, seed: int, dp_rank: int, infinite: bool, stats: PipelineStats,
+                 with_sample_index: bool = False):
         super().__init__()
+        self.with_sample_index = with_sample_index
         self.shards, self.tokenizer, self.transform = list(shards), tokenizer, image_transform
         self.context_length, self.shuffle_buffer, self.infinite = context_length, shuffle_buffer, infinite
         self.seed, self.dp_rank, self.stats = seed, dp_rank, stats
@@ -144,12 +147,15 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         except Exception as exc:  # noqa: BLE001 - any broken sample is skipped, not fatal
             self._skip(raw, f"{type(exc).__name__}: {exc}")
             return None
-        # ImageTransform takes the stream's RNG so crops are reproducible; plain callables get the image.
-        if isinstance(self.transform, ImageTransform):
+        # Transforms that take the stream's RNG (ImageTransform, the augmentation presets) crop
+        # reproducibly and resume exactly; plain callables get the image only.
+        if isinstance(self.transform, ImageTransform) or getattr(self.transform, "takes_rng", False):
             images = self.transform(image, rng)
         else:
             images = self.transform(image)
         sample = {"images": images, "tokens": self.tokenizer(caption, self.context_length)[0]}
+        if self.with_sample_index:  # the dataset row, for per-sample loss state (FastCLIP)
+            sample["sample_index"] = torch.tensor(sample_index_from_key(str(raw.get("__key__"))), dtype=torch.long)
         if isinstance(meta, dict) and "class_index" in meta:
             sample["class_index"] = torch.tensor(int(meta["class_index"]), dtype=torch.long)
         return sample
@@ -324,16 +330,18 @@ class ClipLoader:
 
 def build_clip_dataloader(shards, *, dp_rank: int, dp_size: int, batch_size: int, tokenizer,
                           image_transform, context_length: int = 77, shuffle_buffer: int = 1000,
-                          seed: int = 0, infinite: bool = True, num_workers: int = 0) -> ClipLoader:
+                          seed: int = 0, infinite: bool = True, num_workers: int = 0,
+                          with_sample_index: bool = False) -> ClipLoader:
     """Training (`infinite=True`: endless epochs, full batches) or evaluation (one pass, last
     partial batch kept) loader over this DP rank's share of `shards`.
 
     Batches are dicts {"images": float [B, 3, H, W], "tokens": long [B, context_length]} plus
-    "class_index": long [B] when the samples' json has it. `loader.stats` counts this rank's
+    "class_index": long [B] when the samples' json has it, and "sample_index": long [B] (the number
+    each sample's key ends with, `data.sample_index`) with `with_sample_index`. `loader.stats` counts this rank's
     samples; with num_workers > 0 each worker reads a subset of the rank's shards, batches are
     interleaved across workers and only `samples_seen` is exact (skip counters stay in the workers).
     """
     shard_list = split_shards_for_dp(expand_shards(shards), dp_rank, dp_size)
     dataset = ImageTextStream(shard_list, tokenizer, image_transform, context_length, shuffle_buffer, seed,
-                              dp_rank, infinite, PipelineStats())
+                              dp_rank, infinite, PipelineStats(), with_sample_index=with_sample_index)
     return ClipLoader(dataset, batch_size, drop_last=infinite, num_workers=num_workers)

@@ -52,6 +52,14 @@ class TrainingParts:
     train_metrics: tuple = ()
     # metrics dict -> text for the progress log (a quality band, memory); None: "name value" pairs.
     describe_train_metrics: Optional[Callable[[dict], str]] = None
+    # (step, skipped) after every optimizer step and LR-schedule step, on every rank: `step` is the
+    # number of steps done, `skipped` whether this one's update was skipped (non-finite gradients).
+    # E.g. clamp a learned temperature into its range, advance a family's own clock.
+    after_step: Optional[Callable[[int, bool], None]] = None
+    # () -> a reason to stop (e.g. early stopping on a validation metric), or None; asked after each
+    # step's evaluation. The trainer agrees on it over every rank, saves a checkpoint, logs the
+    # reason and ends the run normally (exit status 0).
+    stop_requested: Optional[Callable[[], Optional[str]]] = None
 
     @property
     def reads_data(self) -> bool:

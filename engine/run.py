@@ -105,7 +105,8 @@ def build_trainer(cfg, ctx, family: str | ModelFamily, lock=None, lock_taken: bo
     trainer = Trainer(cfg.trainer, ctx, model, optimizer, scheduler, parts.forward_step, eval_fn=parts.eval_fn,
                       precision=precision, link=link, train_loader=parts.train_loader, checkpoint=checkpoint,
                       flops_per_sample=parts.flops_per_sample, train_metrics=parts.train_metrics,
-                      describe_train_metrics=parts.describe_train_metrics)
+                      describe_train_metrics=parts.describe_train_metrics, after_step=parts.after_step,
+                      stop_requested=parts.stop_requested)
     trainer.parts, trainer.rss_before_model = parts, rss_before_model
     return trainer
 
@@ -143,6 +144,8 @@ def run(family: str | ModelFamily, argv: list[str]) -> dict:
                            "skipped_steps": trainer.state.total_skipped,
                            "rss_before_model_mib": trainer.rss_before_model / 2**20,
                            "peak_rss_mib": peak_rss_bytes() / 2**20, **extra, **final}
+                if trainer.stop_reason is not None:
+                    summary["stop_reason"] = trainer.stop_reason
                 log.info("final: %s", json.dumps(summary))
                 with open(os.path.join(cfg.trainer.output_dir, "final_metrics.json"), "w") as fh:
                     json.dump(summary, fh, indent=2)

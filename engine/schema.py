@@ -13,8 +13,9 @@ from engine.config_checks import at_least, greater_than, one_of, pair_in, probab
 from engine.loss_scaler import LossScalerConfig
 from engine.precision import ALIASES as PRECISIONS
 
-OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam")
-LR_SCHEDULES = ("cosine", "constant")
+# adamw_8bit: bitsandbytes' AdamW8bit, an optional GPU extra (replicated fp32 parameters only)
+OPTIMIZERS = ("adamw", "adam", "distributed_fused_adam", "adamw_8bit")
+LR_SCHEDULES = ("cosine", "constant", "onecycle")
 
 
 @dataclass
@@ -47,14 +48,18 @@ class TrainerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | constant
+    # cosine | constant | onecycle (torch's OneCycleLR: warmup_steps is its rise, pct_start =
+    # warmup_steps / max_steps, from lr/25 to lr, then cosine down to min_lr, or lr/25/1e4 when 0)
+    name: str = "cosine"
     warmup_steps: int = 100
     min_lr: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | distributed_fused_adam (ZeRO-1: state sharded over DP)
+    # adamw | adam | distributed_fused_adam (ZeRO-1: state sharded over DP) | adamw_8bit (bitsandbytes,
+    # optional GPU extra; its 8-bit moments are not checkpointed)
+    name: str = "adamw"
     lr: float = 5.0e-4
     weight_decay: float = 0.2
     betas: list = field(default_factory=lambda: [0.9, 0.98])

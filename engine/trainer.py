@@ -38,7 +38,7 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg, ctx, model, optimizer, scheduler, forward_step, *, eval_fn=None, precision=None,
                  link=None, train_loader=None, checkpoint=None, flops_per_sample=None, train_metrics=(),
-                 describe_train_metrics=None):
+                 describe_train_metrics=None, after_step=None, stop_requested=None):
         """`cfg` is a `TrainerConfig`; `ctx` the `ParallelContext`; `model` this rank's pipeline stage;
         `forward_step` see `engine.schedules`; `optimizer` a `ReplicatedAdamW` or `FlatAdamW` (it
         syncs, clips and steps); `eval_fn(step) -> metrics`; `precision` a `PrecisionPlan` (autocast
@@ -48,8 +48,10 @@ class Trainer:
         preemption), or None; `flops_per_sample` the model family's training FLOPs per sample
         (`engine.flops`), for TFLOP/s and MFU in the progress line (None: not shown).
         `train_metrics`: names of the scalars `forward_step` reports in info["metrics"] on the last
-        stage, averaged like the loss; `describe_train_metrics` formats them for the progress log
-        (see engine.family.TrainingParts)."""
+        stage, averaged like the loss; `describe_train_metrics` formats them for the progress log;
+        `after_step(step, skipped)` runs after every optimizer and LR-schedule step,
+        `stop_requested() -> reason | None` after every step's evaluation (see
+        `engine.family.TrainingParts`)."""
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.forward_step, self.eval_fn, self.precision, self.link = forward_step, eval_fn, precision, link
@@ -61,6 +63,8 @@ class Trainer:
                                        extra=self.train_metrics, describe_extra=describe_train_metrics)
         self.preempted = False  # fit stopped early on SIGTERM/SIGUSR1 (after saving)
         self.flops_per_sample = flops_per_sample
+        self.after_step, self.stop_requested = after_step, stop_requested
+        self.stop_reason: str | None = None  # fit stopped early at the family's request (after saving)
 
     @property
     def reads_data(self) -> bool:
@@ -82,6 +86,8 @@ class Trainer:
         else:
             self.state.skipped_steps = 0
         self.scheduler.step()
+        if self.after_step is not None:  # e.g. clamp a learned temperature, advance the family's clock
+            self.after_step(self.state.step + 1, result.skipped)
         # The loss lives on the last pipeline stage, the sample counts on the first.
         totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction] + [0.0] * len(self.train_metrics),
                               dtype=torch.float64, device=run.loss_sum.device)
@@ -164,6 +170,15 @@ class Trainer:
                     break
                 if ckpt.last_saved_step == step:
                     window_start = time.time()  # saving time is not training throughput
+            if self.stop_requested is not None and step < cfg.max_steps:
+                self.stop_reason = self._agreed_stop_reason()
+                if self.stop_reason is not None:
+                    if ckpt is not None:
+                        path = ckpt.save(self, reason="stop")
+                        ckpt.wait()
+                    log.info("training stops at step %d of %d: %s%s", step, cfg.max_steps, self.stop_reason,
+                             f"; checkpoint {path}" if ckpt is not None else "")
+                    break
         if ckpt is not None and not self.preempted:
             ckpt.at_end(self)
         # After the final save, so a failing evaluation cannot cost the checkpoint; a rerun that
@@ -173,6 +188,19 @@ class Trainer:
             self.progress.log_eval(self.state.step, last_eval)
         self.progress.close()
         return last_eval
+
+
+    def _agreed_stop_reason(self) -> str | None:
+        """The family's stop request, agreed over every rank: any rank's request stops them all (a
+        decision one rank alone took would leave the others waiting in the next step's collectives)."""
+        reason = self.stop_requested()
+        flag = torch.tensor([1 if reason else 0], dtype=torch.int32, device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag.item()):
+            return None
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        return next(r for r in reasons if r)
 
 
 class NoDataOnThisStage:

@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from data.config import TokenizerConfig
-from engine.config_checks import at_least, greater_than, one_of, pair_in
+from engine.config_checks import at_least, greater_than, one_of, pair_in, probability
 from engine.schema import ExperimentConfig, TrainerConfig
+from models.clip.distill import DISTILL_MODES, DistillConfig
+from models.clip.fastclip import GAMMA_SCHEDULES, TAU_SCHEDULES
+from models.clip.finetune import SCENARIOS, FinetuneConfig
+from models.clip.loss_factory import LOSS_NAMES, LossConfig
 
 
 @dataclass
@@ -87,6 +91,12 @@ class CLIPConfig:
     megatron_amp_O2: bool = False  # with bf16/fp16: low-precision params, fp32 master weights and grads
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # The training loss: clip (contrastive) or fastclip (global contrastive, per-sample state)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # A frozen reference model: distillation and/or init from it (models/clip/distill.py)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Fine-tuning scenario and LoRA (null scenario: pre-training, every parameter trains)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(scenario=None))
 
 
 @dataclass
@@ -111,6 +121,21 @@ class CLIPDataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     random_crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
+    # Training augmentation preset (data/augment.py): null (random resized crop of random_crop_scale),
+    # simple (resize, flip, padded random crop) or advanced (resize, TrivialAugmentWide, random erasing)
+    augmentation: Optional[str] = None
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when `monitor` (an evaluation metric: val_loss, zero_shot_top1, image_to_text_R@1, ...)
+    has not improved by more than `min_delta` for `patience` evaluations in a row (every
+    trainer.val_check_interval steps); the run saves a checkpoint and exits 0."""
+
+    monitor: Optional[str] = None  # null: off
+    patience: int = 2
+    min_delta: float = 0.001
+    mode: str = "min"  # min (a loss) | max (an accuracy)
 
 
 @dataclass
@@ -118,6 +143,19 @@ class CLIPEvalConfig:
     zero_shot: bool = True
     retrieval: bool = True
     batch_size: int = 256
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class BatchFinderConfig:
+    """The largest micro-batch that fits, found before training by trial and back-off among the
+    divisors of global_batch_size / DP (so accumulation still divides): on GPU by catching
+    out-of-memory, on CPU against `memory_budget_gb` (parameters, gradients and Adam state plus
+    what the forward saves for backward). It replaces trainer.micro_batch_size."""
+
+    enabled: bool = False
+    memory_budget_gb: Optional[float] = None  # required on CPU; on GPU optional (else: out-of-memory decides)
+    max_micro_batch: Optional[int] = None  # upper limit (default global_batch_size / DP)
 
 
 @dataclass
@@ -128,6 +166,7 @@ class CLIPExperimentConfig(ExperimentConfig):
     model: CLIPConfig = field(default_factory=CLIPConfig)
     data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
     eval: CLIPEvalConfig = field(default_factory=CLIPEvalConfig)
+    batch_finder: BatchFinderConfig = field(default_factory=BatchFinderConfig)
 
     RULES: ClassVar[list] = [
         ("model.attention_backend", one_of("sdpa", "flash", "te")),
@@ -152,4 +191,27 @@ class CLIPExperimentConfig(ExperimentConfig):
         ("data.synthetic.num_eval", at_least(0, integer=True)),
         ("data.synthetic.image_size", at_least(8, integer=True)),
         ("data.synthetic.samples_per_shard", at_least(1, integer=True)),
+        ("data.augmentation", one_of("simple", "advanced")),
+        ("model.loss.name", one_of(*LOSS_NAMES)),
+        ("model.loss.version", one_of("v0", "v1", "v2", "v3", "sogclr", "isogclr", "gcl", "rgcl", "rgcl_g")),
+        ("model.loss.gamma_schedule", one_of(*GAMMA_SCHEDULES)),
+        ("model.loss.lr_tau_scheduler", one_of(*TAU_SCHEDULES)),
+        ("model.loss.gamma", greater_than(0)),
+        ("model.loss.gamma_decay_epochs", at_least(0, integer=True)),
+        ("model.loss.temperature", greater_than(0)),
+        ("model.loss.tau_min", greater_than(0)),
+        ("model.loss.tau_max", greater_than(0)),
+        ("model.loss.fastclip_eps", at_least(0)),
+        ("model.loss.tau_beta*", probability()),
+        ("model.distill.mode", one_of(*DISTILL_MODES)),
+        ("model.distill.weight", probability(upper_open=False)),
+        ("model.distill.teacher_format", one_of("engine", "open_clip", "hf")),
+        ("model.finetune.scenario", one_of(*SCENARIOS)),
+        ("model.finetune.lora.rank", at_least(1, integer=True)),
+        ("model.finetune.lora.alpha", greater_than(0)),
+        ("eval.early_stopping.patience", at_least(0, integer=True)),
+        ("eval.early_stopping.min_delta", at_least(0)),
+        ("eval.early_stopping.mode", one_of("min", "max")),
+        ("batch_finder.memory_budget_gb", greater_than(0)),
+        ("batch_finder.max_micro_batch", at_least(1, integer=True)),
     ]

@@ -34,9 +34,13 @@ DISTILL_MODES = ("feature", "cross_entropy", "kl", "interactive")
 class DistillConfig:
     """The reference-model section (`model.distill.*`, to be wired by the engine).
 
-    `teacher` names the frozen reference model: a project checkpoint directory, or an open_clip /
-    Hugging Face CLIP file that the converters import (`teacher_format`); its architecture is
-    `teacher_config` (a configs/clip/<size>.yaml) or, for a project checkpoint, the one saved in it.
+    `teacher` names the frozen reference model: an engine checkpoint (a step directory or a
+    checkpoint root, any TP/PP layout; its architecture is the one saved in it), an open_clip state
+    dict file or `local-dir` directory, or a Hugging Face CLIPModel directory (`teacher_format`).
+    For open_clip, `teacher_config` is the open_clip model name (`ViT-B-32`) or model config JSON;
+    without it the directory's config, or one inferred from the weights, is used. The teacher runs
+    at the student's tensor-parallel size and reads the student's images and tokens: it must take
+    the same image size and share the tokenizer.
     """
 
     mode: str | None = None  # None (no teacher) | feature | cross_entropy | kl | interactive

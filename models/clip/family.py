@@ -21,13 +21,17 @@ from engine.evaluation import (
     retrieval_recall,
     zero_shot_accuracy,
 )
+from engine.config import ConfigError
 from engine.family import ModelFamily, TrainingParts
 from engine.flops import BatchLayout, clip_flops_per_sample
 from engine.layout import check_divides
 from engine.precision import PrecisionPlan
 from engine.schedules import pipelined_forward
 from models.clip.config import CLIPExperimentConfig
-from models.clip.loss import ContrastiveLoss
+from models.clip.distill import teacher_outputs
+from models.clip.fastclip import clamp_logit_scale_, init_logit_scale_, resolve_version
+from models.clip.finetune import attach_lora, uses_lora
+from models.clip.loss_factory import create_loss
 from models.clip.model import CLIPModel, count_parameters, normalize_features
 from models.common.attention import announce_attention_backend
 from parallel.p2p import StageLink
@@ -106,9 +110,19 @@ def build_model(cfg, ctx, tokenizer: Tokenizer, precision: PrecisionPlan) -> CLI
     return model
 
 
-def clip_forward_step(loss_fn, device, model, batch, inputs=None):
+@dataclass
+class StepInputs:
+    """What the loss takes beside the features: the run's clock (FastCLIP's epoch) and the teacher."""
+
+    clock: object = None
+    teacher: torch.nn.Module | None = None
+
+
+def clip_forward_step(loss_fn, device, model, batch, inputs=None, *, extras: StepInputs | None = None):
     """One micro-batch through this pipeline stage (see `engine.schedules`): the loss on the last
-    stage, the message for the next stage elsewhere."""
+    stage, the message for the next stage elsewhere. A loss that needs them gets the batch's sample
+    indices and the epoch (FastCLIP) and the teacher's outputs (distillation); under PP the last
+    stage reads the batch for them too."""
     images = tokens = None
     info = {"samples": 0, "tokens": 0}
     if batch is not None:
@@ -119,7 +133,14 @@ def clip_forward_step(loss_fn, device, model, batch, inputs=None):
     if not model.post_process:
         return out, info
     image, text = normalize_features(out["image_features"]), normalize_features(out["text_features"])
-    return loss_fn(image, text, model.scale()), info
+    kwargs = {}
+    if getattr(loss_fn, "needs_sample_index", False):
+        kwargs.update(sample_index=batch["sample_index"].to(device), epoch=extras.clock.epoch)
+    if extras is not None and extras.teacher is not None:
+        teacher = teacher_outputs(extras.teacher, images, tokens)
+        if getattr(loss_fn, "needs_teacher", False):
+            kwargs.update(teacher)
+    return loss_fn(image, text, model.scale(), **kwargs), info
 
 
 def pipelined_encoders(model: CLIPModel, link: StageLink | None):
@@ -170,33 +191,261 @@ def make_eval_fn(cfg, ctx, model: CLIPModel, data: ClipData, link: StageLink | N
             metrics["zero_shot_chance"] = 1.0 / len(data.classes["classnames"])
         if cfg.eval.retrieval:
             metrics.update(retrieval_recall(images, texts))
+        metrics["val_loss"] = validation_loss(images, texts, scale_everywhere(model, link), cfg.eval.batch_size)
         model.train()
         return metrics
 
     return evaluate
 
 
+def scale_everywhere(model: CLIPModel, link: StageLink | None) -> float:
+    """The model's logit scale (held by the last pipeline stage) on every stage."""
+    value = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    if model.post_process:
+        value.fill_(float(model.scale().detach()))
+    if link is not None:
+        dist.broadcast(value, dist.get_global_rank(link.group, link.size - 1), group=link.group)
+    return float(value)
+
+
+@torch.no_grad()
+def validation_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, batch_size: int) -> float:
+    """The contrastive loss on the evaluation pairs, in batches of `batch_size` (the last one may
+    be smaller), at the model's scale: the seed's validation loss, for early stopping."""
+    if images.shape[0] < 2:
+        return float("nan")
+    total, count = 0.0, 0
+    for start in range(0, images.shape[0], batch_size):
+        img, txt = images[start:start + batch_size].float(), texts[start:start + batch_size].float()
+        if img.shape[0] < 2:
+            continue
+        logits = scale * img @ txt.T
+        labels = torch.arange(img.shape[0])
+        loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+        total, count = total + float(loss) * img.shape[0], count + img.shape[0]
+    return total / count
+
+
+def fastclip_data_size(cfg) -> int:
+    """Rows of the data set (sample indices are below it): model.loss.data_size, or the synthetic
+    set's training rows."""
+    size = cfg.model.loss.data_size
+    if size is not None and size > 0:
+        return size
+    if cfg.data.train_shards is None:
+        return cfg.data.synthetic.num_train
+    raise ConfigError("model.loss.name=fastclip with user shards needs model.loss.data_size: the number of input "
+                      "rows (sample keys are numbered below it, as img2dataset's)")
+
+
+def _train_transform(cfg, vision):
+    if cfg.data.augmentation is not None:
+        from data.augment import build_augmentation
+
+        return build_augmentation(cfg.data.augmentation, vision.img_h, mean=vision.image_mean, std=vision.image_std,
+                                  seed=cfg.trainer.seed)
+    return build_image_transform(vision.img_h, train=True, mean=vision.image_mean, std=vision.image_std,
+                                 scale=tuple(cfg.data.random_crop_scale))
+
+
+def _log_trainable(ctx, model: CLIPModel, scenario: str) -> None:
+    """How many parameters train and what share, over the whole model (every pipeline stage, at TP=1)."""
+    from models.common.lora import count_parameters as trainable_and_total
+
+    counts = torch.tensor(trainable_and_total(model, ctx.dims.tp), dtype=torch.float64, device=ctx.device)
+    if ctx.dims.pp > 1:
+        dist.all_reduce(counts, group=ctx.pp_group)
+    trainable, total = (int(v) for v in counts.tolist())
+    log.info("fine-tuning scenario %s: %s of %s parameters train (%.2f%%)%s", scenario, f"{trainable:,}",
+             f"{total:,}", 100.0 * trainable / max(total, 1),
+             f", LoRA rank {model.cfg.finetune.lora.rank} on {', '.join(model.cfg.finetune.lora.target_modules)}"
+             if uses_lora(model.cfg.finetune) else "")
+
+
+def _temperature_group(cfg, model: CLIPModel):
+    """FastCLIP v0/v3: the learned temperature gets lr_tau and its own schedule (the reference's
+    --lr_tau and --lr_tau_scheduler), no weight decay."""
+    from engine.optim import ParamGroup
+    from models.clip.fastclip import resolve_lr_tau, temperature_lr
+
+    loss_cfg, sched = cfg.model.loss, cfg.optim.sched
+    lr_tau = resolve_lr_tau(loss_cfg, cfg.optim.lr)
+
+    def lr(step: int, _scheduled: float) -> float:
+        tau = float(torch.exp(-model.logit_scale.detach().float()))
+        return temperature_lr(step, loss_cfg, lr_tau, tau, sched.warmup_steps, cfg.trainer.max_steps)
+
+    return ParamGroup("temperature", weight_decay=False, lr=lr)
+
+
+def init_student_from_teacher(model: CLIPModel, full: dict, ctx):
+    """Copy every student parameter whose name and full shape match the teacher's; log what was
+    left out, over the whole model (every pipeline stage's report, in global layer names)."""
+    from models.clip.distill import InitReport, init_from_teacher
+    from parallel.pp_sharding import global_name, layer_offsets
+
+    offsets = layer_offsets(model)
+    report = init_from_teacher(model, full, ctx.tp_rank, ctx.dims.tp, name_map=lambda n: global_name(n, offsets))
+    mine = InitReport([global_name(n, offsets) for n in report.copied],
+                      [(global_name(n, offsets), a, b) for n, a, b in report.shape_mismatch],
+                      [global_name(n, offsets) for n in report.missing_in_teacher], [])
+    parts = [mine]
+    if ctx.dims.pp > 1:
+        parts = [None] * ctx.dims.pp
+        dist.all_gather_object(parts, mine, group=ctx.pp_group)
+    merged = InitReport()
+    for part in parts:
+        merged.copied += part.copied
+        merged.shape_mismatch += part.shape_mismatch
+        merged.missing_in_teacher += part.missing_in_teacher
+    used = set(merged.copied) | {n for n, _, _ in merged.shape_mismatch}
+    merged.unused_teacher = sorted(k for k, v in full.items() if torch.is_tensor(v) and k not in used)
+    log.info("%s", merged.summary())
+    return merged
+
+
+def load_adapters(model: CLIPModel, path: str, ctx) -> None:
+    """LoRA adapters alone (TP=1 tensors, `finetune_clip.py export-adapters`) into this rank's adapters."""
+    from conversion.files import load_tensor_file
+    from models.common.lora import is_lora_key
+    from parallel.pp_sharding import global_name, layer_offsets
+    from parallel.tp_sharding import shard_tensor
+
+    saved = load_tensor_file(path)
+    offsets = layer_offsets(model)
+    own = {n: p for n, p in model.named_parameters() if is_lora_key(n)}
+    wanted = {global_name(n, offsets): n for n in own}
+    missing = sorted(set(wanted) - set(saved))
+    if missing or not own:
+        raise ConfigError(f"model.finetune.adapters={path}: " + (f"lacks {len(missing)} adapters of this model, e.g. "
+                          f"{missing[:3]}" if own else "this model has no LoRA adapters (model.finetune.scenario?)"))
+    with torch.no_grad():
+        for name, local in wanted.items():
+            param, tensor = own[local], saved[name]
+            if getattr(param, "tensor_model_parallel", False):
+                tensor = shard_tensor(tensor, param.partition_dim, 1, ctx.tp_rank, ctx.dims.tp)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ConfigError(f"model.finetune.adapters={path}: {name} has shape {tuple(tensor.shape)}, this model "
+                                  f"{tuple(param.shape)} (another LoRA rank or targets?)")
+            param.copy_(tensor.to(param.dtype))
+    log.info("LoRA adapters loaded from %s (%d tensors)", path, len(wanted))
+
+
+def log_sample_state_bytes(loss_cfg, data_size: int, dp: int) -> dict:
+    """FastCLIP's per-sample state on each DP rank (the first rank's block, the largest) against a
+    full copy on every rank (the reference's layout)."""
+    from models.clip.sample_state import block_bounds
+
+    spec = resolve_version(loss_cfg)
+    states = 8 if spec.temperature_scheme == "individual" else 2  # u (+ tau_i and its two moments) per modality
+    per_rank = states * 4 * block_bounds(data_size, dp, 0)[1]
+    full = states * 4 * data_size
+    log.info("FastCLIP %s: per-sample state %s bytes on each of %d DP ranks (%d states x %d samples, fp32); the "
+             "reference keeps a full copy on every rank, %s bytes", spec.name, f"{per_rank:,}", dp, states,
+             block_bounds(data_size, dp, 0)[1], f"{full:,}")
+    return {"fastclip_state_bytes_per_rank": per_rank, "fastclip_state_bytes_full_copy": full}
+
+
 def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
-    """This rank's share of a CLIP run: the stage's model, its loss, the data it reads (the first
-    pipeline stage only: later stages get activations, and the loss needs no labels) and evaluation."""
+    """This rank's share of a CLIP run: the stage's model, its loss (contrastive or FastCLIP, with
+    distillation from a frozen teacher), the fine-tuning scenario, the data it reads (the first
+    pipeline stage; the last too when its loss needs sample indices or the teacher's inputs),
+    evaluation, early stopping, and the state every checkpoint keeps."""
+    from models.clip.run_state import EarlyStopMonitor, SampleStateEntries, TrainClock
+    from models.clip.teacher import build_teacher, check_teacher_reads_student_inputs, read_teacher_source
+
+    m, distill, finetune = cfg.model, cfg.model.distill, cfg.model.finetune
+    problems = recipe_problems(cfg)  # also checked before launch (preflight); here for direct callers
+    if problems:
+        raise ConfigError("\n".join(problems))
     data = prepare_data(cfg, ctx)
     model = build_model(cfg, ctx, data.tokenizer, precision)
-    loss_fn = ContrastiveLoss(cfg.model.local_loss, cfg.model.gather_with_grad, group=ctx.dp_group)
+    fast = m.loss.name == "fastclip"
+    data_size = fastclip_data_size(cfg) if fast else None
+    loss_fn = None  # only the last pipeline stage computes the loss (and holds FastCLIP's state)
+    if model.post_process:
+        loss_fn = create_loss(m.loss, group=ctx.dp_group, local_loss=m.local_loss,
+                              gather_with_grad=m.gather_with_grad, data_size=data_size, device=ctx.device,
+                              model_lr=cfg.optim.lr, distill=distill if distill.mode else None)
+    learned_tau = fast and resolve_version(m.loss).learnable_tau
+    if fast and model.post_process:
+        init_logit_scale_(model.logit_scale, m.loss)
+    source = read_teacher_source(distill) if (distill.mode or distill.init_from_teacher) else None
+    if source is not None and distill.mode:
+        check_teacher_reads_student_inputs(source, m, data.tokenizer, cfg.data.tokenizer, cfg.trainer.output_dir)
+    if distill.init_from_teacher:
+        from models.clip.teacher import teacher_full_state
+
+        init_student_from_teacher(model, teacher_full_state(source), ctx)
+    key_map = None
+    if finetune.scenario is not None:
+        from models.clip.finetune import configure_finetune
+
+        configure_finetune(model, finetune, quiet=True)
+        _log_trainable(ctx, model, finetune.scenario)
+        if uses_lora(finetune):
+            from engine.checkpoint import KeyMap
+
+            key_map = KeyMap(allow_missing=["*.lora.*"])  # base weights (checkpoint.init_from) into LoRA layers
+        if finetune.adapters:
+            load_adapters(model, finetune.adapters, ctx)
+    if learned_tau and model.post_process and model.logit_scale.requires_grad:
+        model.temperature_group = _temperature_group(cfg, model)
+    # After the student, so the student's initialisation does not depend on having a teacher.
+    teacher = None
+    if distill.mode:
+        teacher = build_teacher(source, data.tokenizer, ctx, precision, holds=model.post_process,
+                                sequence_parallel=cfg.parallel.sequence_parallel)
+    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
+    samples_per_epoch = (m.loss.samples_per_epoch if m.loss.samples_per_epoch > 0 else data_size) if fast else None
+    clock = TrainClock(cfg.trainer.global_batch_size, samples_per_epoch)
+    extras = StepInputs(clock=clock, teacher=teacher)
+    needs_batch_on_last = getattr(loss_fn, "needs_sample_index", False) or teacher is not None
+    reads_data = model.pre_process or (model.post_process and needs_batch_on_last)
+    if cfg.batch_finder.enabled:
+        from models.clip.batch_finder import find_clip_micro_batch
+
+        cfg.trainer.micro_batch_size = find_clip_micro_batch(
+            cfg, ctx, model, lambda probe_loss: partial(clip_forward_step, probe_loss, ctx.device, extras=extras),
+            link, precision, data.tokenizer.vocab_size, reads_data)
     train_loader = None
-    if model.pre_process:
-        vision = cfg.model.vision
+    if reads_data:
+        vision = m.vision
         train_loader = build_clip_dataloader(
             data.train_shards, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp, batch_size=cfg.trainer.micro_batch_size,
-            tokenizer=data.tokenizer,
-            image_transform=build_image_transform(vision.img_h, train=True, mean=vision.image_mean,
-                                                  std=vision.image_std, scale=tuple(cfg.data.random_crop_scale)),
-            context_length=cfg.model.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers)
-    link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
-    return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device),
-                         train_loader=train_loader, eval_fn=make_eval_fn(cfg, ctx, model, data, link),
-                         summary=partial(data_totals, ctx, train_loader),
-                         flops_per_sample=clip_flops_per_sample(cfg.model, BatchLayout(
+            tokenizer=data.tokenizer, image_transform=_train_transform(cfg, vision),
+            context_length=m.text.encoder_seq_length, shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.trainer.seed, infinite=True, num_workers=cfg.data.num_workers,
+            with_sample_index=getattr(loss_fn, "needs_sample_index", False))
+    extra_state = {"clock": clock}
+    if fast:
+        log_sample_state_bytes(m.loss, data_size, ctx.dims.dp)
+        if model.post_process:
+            extra_state["fastclip"] = SampleStateEntries(loss_fn.sample_state)
+    eval_fn = make_eval_fn(cfg, ctx, model, data, link)
+    monitor = None
+    if cfg.eval.early_stopping.monitor:
+        if eval_fn is None:
+            raise ConfigError("eval.early_stopping.monitor needs an evaluation (eval shards with zero_shot or retrieval)")
+        monitor = EarlyStopMonitor(cfg.eval.early_stopping)
+        extra_state["early_stopping"] = monitor.stopper
+        evaluate = eval_fn
+
+        def eval_fn(step: int) -> dict:  # noqa: F811 - the evaluation, then the early-stopping check
+            metrics = evaluate(step)
+            monitor.observe(step, metrics)
+            return metrics
+
+    def after_step(step: int, skipped: bool) -> None:
+        clock.step = step
+        if learned_tau and model.post_process and not skipped:
+            clamp_logit_scale_(model.logit_scale, m.loss)  # tau stays in [tau_min, tau_max], as the reference
+
+    return TrainingParts(model=model, forward_step=partial(clip_forward_step, loss_fn, ctx.device, extras=extras),
+                         train_loader=train_loader, eval_fn=eval_fn, extra_state=extra_state,
+                         summary=partial(data_totals, ctx, train_loader), init_key_map=key_map,
+                         after_step=after_step, stop_requested=monitor.stop_requested if monitor else None,
+                         flops_per_sample=clip_flops_per_sample(m, BatchLayout(
                              cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)))
 
 
@@ -217,7 +466,7 @@ def preflight(cfg) -> list[str]:
     warning when zero-shot evaluation would find no labels."""
     from data.train_tokenizer import REQUIREMENTS
 
-    data, problems = cfg.data, []
+    data, problems = cfg.data, recipe_problems(cfg)
     if data.train_shards is None:
         return problems  # the synthetic set brings its own shards, classes and tokenizer
     for key in ("train_shards", "eval_shards"):
@@ -246,6 +495,37 @@ def preflight(cfg) -> list[str]:
             problems.append(f"data.tokenizer.path: {exc}")
     if not problems and cfg.eval.zero_shot and data.classes_file and data.eval_shards:
         _warn_without_class_index(data.eval_shards, data.classes_file)
+    return problems
+
+
+def recipe_problems(cfg) -> list[str]:
+    """The loss, teacher and fine-tuning settings a run cannot start with, each naming its key."""
+    m, problems = cfg.model, []
+    distill, scenario = m.distill, m.finetune.scenario
+    if m.loss.name == "fastclip":
+        try:
+            resolve_version(m.loss)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if cfg.data.train_shards is not None and (m.loss.data_size is None or m.loss.data_size < 1):
+            problems.append("model.loss.name=fastclip with user shards needs model.loss.data_size: the number of "
+                            "input rows (sample keys are numbered below it, as img2dataset's)")
+    if (distill.mode or distill.init_from_teacher) and not distill.teacher:
+        problems.append("model.distill.mode / init_from_teacher need model.distill.teacher (the reference model)")
+    elif distill.teacher and (distill.mode or distill.init_from_teacher) and not os.path.exists(distill.teacher):
+        problems.append(f"model.distill.teacher={distill.teacher}: no such file or directory")
+    if distill.init_from_teacher and cfg.checkpoint.init_from:
+        problems.append("model.distill.init_from_teacher and checkpoint.init_from both initialise the model; choose one")
+    if scenario == "zero_shot":
+        problems.append("model.finetune.scenario=zero_shot trains nothing: evaluate with examples/eval_clip.py or "
+                        "examples/finetune_clip.py (which does so for zero_shot)")
+    if m.finetune.adapters and not os.path.isfile(m.finetune.adapters):
+        problems.append(f"model.finetune.adapters={m.finetune.adapters}: no such file")
+    if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
+        problems.append(f"checkpoint.init_from={cfg.checkpoint.init_from}: no such checkpoint")
+    if cfg.batch_finder.enabled and cfg.batch_finder.memory_budget_gb is None and cfg.parallel.device == "cpu":
+        problems.append("batch_finder.enabled on CPU needs batch_finder.memory_budget_gb (there is no out-of-memory "
+                        "to catch)")
     return problems
 
 
@@ -281,7 +561,11 @@ def check_layout(cfg, tp: int, pp: int) -> list[str]:
 
 
 def reference_model(model_cfg) -> CLIPModel:
-    return CLIPModel(model_cfg, use_cpu_initialization=True)
+    """The TP=1/PP=1 model of `model_cfg`, with the LoRA adapters of its fine-tuning scenario (the
+    tensors its checkpoints hold)."""
+    model = CLIPModel(model_cfg, use_cpu_initialization=True)
+    attach_lora(model, model_cfg.finetune)
+    return model
 
 
 def vocab_rows(model_cfg, tp: int) -> int:

@@ -37,9 +37,15 @@ _TOWERS = {"lora_dual": ("visual", "text"), "lora_vision": ("visual",), "lora_te
 
 @dataclass
 class FinetuneConfig:
-    scenario: str = "lora_dual"
+    """`model.finetune.*`. In a CLIP experiment `scenario` is null for pre-training (every parameter
+    trains, no LoRA); `examples/finetune_clip.py` runs one of SCENARIOS (its configs say which)."""
+
+    scenario: str | None = "lora_dual"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_logit_scale: bool | None = None  # None: only in `full`
+    # LoRA adapters alone (a file written by `finetune_clip.py export-adapters`), loaded into the
+    # adapters at start; base weights come from checkpoint.init_from.
+    adapters: str | None = None
 
 
 @dataclass
@@ -58,17 +64,28 @@ class FinetuneSummary:
                 f"({100 * self.share:.2f}%), LoRA on {len(self.adapted)} linears")
 
 
-def configure_finetune(model: torch.nn.Module, cfg: FinetuneConfig) -> FinetuneSummary:
-    """Attach LoRA (for lora_* scenarios) and set requires_grad; logs and returns the counts.
+def uses_lora(cfg: FinetuneConfig | None) -> bool:
+    return cfg is not None and cfg.scenario is not None and cfg.scenario.startswith("lora_")
+
+
+def attach_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """The scenario's LoRA adapters (none outside lora_*), without touching requires_grad: the
+    structure a checkpoint of that scenario has (tools, a fine-tuned teacher)."""
+    if not uses_lora(cfg):
+        return []
+    return apply_lora(model, cfg.lora, include=[f"{t}." for t in _TOWERS[cfg.scenario]])
+
+
+def configure_finetune(model: torch.nn.Module, cfg: FinetuneConfig, quiet: bool = False) -> FinetuneSummary:
+    """Attach LoRA (for lora_* scenarios) and set requires_grad; logs (unless `quiet`) and returns
+    the counts.
 
     Works on a TP-sharded model or one pipeline stage (counts are this stage's, at TP=1).
     """
     if cfg.scenario not in SCENARIOS:
         raise ValueError(f"finetune scenario {cfg.scenario!r}: use one of {', '.join(SCENARIOS)}")
-    adapted = []
     towers = _TOWERS.get(cfg.scenario, ())
-    if cfg.scenario.startswith("lora_"):
-        adapted = apply_lora(model, cfg.lora, include=[f"{t}." for t in towers])
+    adapted = attach_lora(model, cfg)
     prefixes = tuple(PROJECTIONS[t] for t in towers)
     train_scale = cfg.scenario == "full" if cfg.train_logit_scale is None else cfg.train_logit_scale
 
@@ -84,5 +101,6 @@ def configure_finetune(model: torch.nn.Module, cfg: FinetuneConfig) -> FinetuneS
     set_trainable_(model, trainable)
     trainable_count, total = count_parameters(model)
     summary = FinetuneSummary(cfg.scenario, trainable_count, total, adapted)
-    log.info(summary.line())
+    if not quiet:
+        log.info(summary.line())
     return summary

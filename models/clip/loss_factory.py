@@ -29,10 +29,17 @@ LOSS_NAMES = ("clip", "fastclip")
 
 
 @dataclass
-class LossConfig(FastCLIPConfig):
-    """`model.loss.*`: which loss, and FastCLIP's settings (ignored by `clip`)."""
-
+class _LossName:
     name: str = "clip"  # clip | fastclip
+
+
+@dataclass
+class LossConfig(FastCLIPConfig, _LossName):
+    """`model.loss.*`: which loss (`name`, listed first), and FastCLIP's settings (ignored by `clip`)."""
+
+    # Samples per FastCLIP epoch (gamma and the v2 moments change per epoch): the reference's
+    # --train-num-samples; -1: data_size (one pass over the rows).
+    samples_per_epoch: int = -1
 
 
 def create_loss(cfg: LossConfig, *, group=None, local_loss: bool = False, gather_with_grad: bool = True,

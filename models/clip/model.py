@@ -113,6 +113,18 @@ class CLIPModel(torch.nn.Module):
         """The optimizer's weight-decay policy for this model (engine.optim)."""
         return param.ndim < 2 or any(part in name for part in self.NO_DECAY_NAME_PARTS)
 
+    # The temperature's own optimizer group (an engine.optim.ParamGroup with FastCLIP's lr_tau and
+    # schedule), set by the family; None: logit_scale is an undecayed parameter like the others.
+    temperature_group = None
+
+    def param_group(self, name: str, param: torch.nn.Parameter):
+        """The optimizer's group of each parameter (engine.optim's `param_group` hook)."""
+        from engine.optim import DECAY, NO_DECAY
+
+        if name == "logit_scale" and self.temperature_group is not None:
+            return self.temperature_group
+        return NO_DECAY if self.no_weight_decay(name, param) else DECAY
+
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as open_clip (max 100) to keep the softmax from collapsing."""
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)

@@ -1,5 +1,5 @@
-"""Engine-independent fine-tuning helpers: early stopping on a validation metric, and the largest
-micro-batch that fits (the seed's `EarlyStopper` and `find_max_batch_size`).
+"""Fine-tuning helpers: early stopping on a validation metric, and the largest micro-batch that fits
+(the seed's `EarlyStopper` and `find_max_batch_size`).
 
 Neither touches the trainer: early stopping takes the metric after each evaluation; the finder
 takes a `fits(micro_batch) -> bool` probe, so it can be tested against a memory budget on CPU and
@@ -200,28 +200,8 @@ def cuda_peak_bytes(step: Callable[[int], None]) -> Callable[[int], int]:
 
 # ---- OneCycle learning rate ---------------------------------------------------------------------
 
-def one_cycle_lr(step: int, max_lr: float, total_steps: int, pct_start: float = 0.1, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4) -> float:
-    """torch's OneCycleLR (cosine, two phases) as a function of the step, for a step-based schedule.
-
-    From max_lr / div_factor up to max_lr over the first pct_start of the steps, then down to
-    max_lr / div_factor / final_div_factor at the last step (the seed: pct_start 0.1).
-    """
-    if total_steps < 2 or not 0.0 < pct_start < 1.0:
-        raise ValueError(f"one-cycle schedule needs total_steps >= 2 and 0 < pct_start < 1 "
-                         f"(got {total_steps}, {pct_start})")
-    initial = max_lr / div_factor
-    final = initial / final_div_factor
-    peak = float(pct_start * total_steps) - 1
-    last = total_steps - 1
-
-    def anneal(start, end, pct):
-        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-
-    step = min(max(step, 0), last)
-    if step <= peak:
-        return anneal(initial, max_lr, step / peak if peak > 0 else 1.0)
-    return anneal(max_lr, final, (step - peak) / (last - peak))
+# The engine's `optim.sched.name=onecycle` uses it; kept importable from here.
+from engine.optim import one_cycle_lr  # noqa: E402,F401
 
 
 # ---- 8-bit Adam (optional GPU extra) ------------------------------------------------------------
