@@ -39,7 +39,8 @@ def parallel_sizes() -> tuple[int, int]:
 
 
 def _check_layout(*, tp: int, pp: int, num_layers: int, hidden_size: int, ffn_hidden_size: int,
-                  num_attention_heads: int, num_query_groups: int, kv_channels: int | None) -> None:
+                  num_attention_heads: int, num_query_groups: int, kv_channels: int | None,
+                  whole_model_on_stage: bool = False) -> None:
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
     if kv_channels is None and hidden_size % num_attention_heads:
@@ -59,6 +60,8 @@ def _check_layout(*, tp: int, pp: int, num_layers: int, hidden_size: int, ffn_hi
     if num_layers % pp:
         raise ValueError(f"num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}")
     running = parallel_sizes()
+    if whole_model_on_stage and pp == 1:  # all layers on this stage, whatever the run's PP
+        running = (running[0], 1)
     if parallel_state.model_parallel_is_initialized() and running != (tp, pp):
         raise ValueError(f"the model is built for tensor_model_parallel_size={tp}, pipeline_model_parallel_size="
                          f"{pp} but the running parallel state is TP={running[0]}, PP={running[1]}")
@@ -89,6 +92,7 @@ def make_transformer_config(
     perform_initialization: bool = True,
     init_method_std: float = 0.02,
     sequence_parallel: bool = False,
+    whole_model_on_stage: bool = False,
     **extra,
 ) -> TransformerConfig:
     """A megatron `TransformerConfig` with the CPU-safe fusions off.
@@ -99,6 +103,8 @@ def make_transformer_config(
     a QKV bias even without the others (Qwen2). `qk_layernorm`: a per-head norm of queries and keys
     (the layer spec must be built with `qk_layernorm=True` too). `rotary_interleaved`: rotate
     interleaved pairs (GPT-J / Meta's original layout) instead of halves (Hugging Face / NeMo).
+    `whole_model_on_stage`: with pipeline_model_parallel_size=1, build every layer on this rank
+    even when the run is pipelined (a frozen teacher beside one stage of the student).
     """
     if activation in GATED_ACTIVATIONS:
         activation, gated_linear_unit = GATED_ACTIVATIONS[activation], True
@@ -109,7 +115,7 @@ def make_transformer_config(
     groups = num_attention_heads if num_query_groups is None else num_query_groups
     _check_layout(tp=tensor_model_parallel_size, pp=pipeline_model_parallel_size, num_layers=num_layers,
                   hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, num_attention_heads=num_attention_heads,
-                  num_query_groups=groups, kv_channels=kv_channels)
+                  num_query_groups=groups, kv_channels=kv_channels, whole_model_on_stage=whole_model_on_stage)
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
