@@ -215,7 +215,7 @@ def sync_config_file(path: str, schema_cls) -> None:
     its values, its `${...}` interpolations and its leading comment block."""
     with open(path) as fh:
         lines = fh.read().splitlines(keepends=True)
-    header = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), len(lines))])
+    header = "".join(line for line in lines[: next((i for i, text in enumerate(lines) if not text.startswith("#")), len(lines))])
     merged = OmegaConf.merge(OmegaConf.structured(schema_cls), OmegaConf.load(path))
     with open(path, "w") as fh:
         fh.write(header + OmegaConf.to_yaml(merged))

@@ -127,7 +127,7 @@ class FlatAdamW:
         self.shard_numel = shard_offset
         self.segments: list[_Segment] = []
         self._hooks = []
-        for (name, p), position, bucket in layout:
+        for (_name, p), position, bucket in layout:
             n = p.numel()
             view = self.param_buffer[position:position + n].view_as(p)
             view.copy_(p.data)

@@ -44,7 +44,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from models.clip.sample_state import ShardedSampleState
 from parallel.collectives import all_gather_into

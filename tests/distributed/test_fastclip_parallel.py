@@ -142,7 +142,7 @@ def test_dp2_matches_whole_batch_reference(dp2, version):
 
 def test_state_is_sharded_by_index(dp2):
     layouts = [r["v2"]["state"]["layout"] for r in dp2]
-    assert [(l["offset"], l["length"]) for l in layouts] == [(0, 7), (7, 6)]  # ceil(13 / 2) = 7
+    assert [(shard["offset"], shard["length"]) for shard in layouts] == [(0, 7), (7, 6)]  # ceil(13 / 2) = 7
     for r, layout in zip(dp2, layouts):
         # 8 states (log u, tau, m, v per modality) in fp32, this rank's block only
         assert r["v2"]["bytes"] == 8 * 4 * layout["length"]

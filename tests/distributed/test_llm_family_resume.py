@@ -57,7 +57,7 @@ def _reference_val_loss(ckpt: str, corpus: str) -> float:
                                        tokenizer=tokenizer, seq_length=16, shuffle_buffer=0, infinite=False)
         total = count = 0.0
         with torch.no_grad():
-            for index, batch in zip(range(5), loader):
+            for _, batch in zip(range(5), loader):
                 losses = F.cross_entropy(model(batch["tokens"]).transpose(1, 2), batch["labels"], reduction="none")
                 total += (losses.double() * batch["loss_mask"]).sum().item()
                 count += batch["loss_mask"].sum().item()

@@ -51,7 +51,7 @@ def test_held_out_pairs_never_in_train_and_attributes_covered(tmp_path):
     assert all(sum(c == color for c, _ in held) == 2 for color in COLORS)
     assert all(sum(s == shape for _, s in held) == 2 for shape in SHAPES)
     train_colors, train_shapes = set(), set()
-    for key, jpg, caption, meta in _samples(tmp_path, "train"):
+    for _key, jpg, caption, meta in _samples(tmp_path, "train"):
         assert (meta["color"], meta["shape"]) not in held
         assert meta["class_index"] == -1 and meta["class_name"] == f"{meta['color']} {meta['shape']}"
         for word in (meta["color"], meta["shape"], meta["size"], POSITION_PHRASES[meta["position"]]):
@@ -67,7 +67,7 @@ def test_held_out_pairs_never_in_train_and_attributes_covered(tmp_path):
     assert not set(classes["classnames"]) & set(classes["train_classnames"])
     assert all("{}" in t for t in classes["templates"])
     eval_classes = set()
-    for key, jpg, caption, meta in _samples(tmp_path, "eval"):
+    for _key, jpg, _caption, meta in _samples(tmp_path, "eval"):
         assert (meta["color"], meta["shape"]) in held
         assert classes["classnames"][meta["class_index"]] == meta["class_name"]
         Image.open(io.BytesIO(jpg)).load()

@@ -37,7 +37,7 @@ def test_fused_updates_match_torch_per_tensor_adamw(single_rank):
 def test_checkpoint_step_counters_suit_the_fused_kernel(single_rank):
     model = _model()
     opt = ReplicatedAdamW(model, OptimConfig(), dp_group=None, max_grad_norm=1.0)
-    for p, _, views in opt.checkpoint_slices():  # state created before the first step (to load into)
+    for p, _, _views in opt.checkpoint_slices():  # state created before the first step (to load into)
         step = opt.optimizer.state[p]["step"]
         assert step.dtype == torch.float32 and step.device == p.device
     opt.checkpoint_step = 7
