@@ -43,8 +43,15 @@ CAPTION_TEMPLATES = [
     "there is a {size} {color} {shape} {where} of the image",
     "{size} {color} {shape} {where}",
     "a picture of a {color} {shape} {where}; it is {size}",
+    # Captions that name only colour and shape, like the zero-shot prompts: between two of them size
+    # and position cannot tell the images apart, so the contrastive loss has to learn the shape.
+    # Without them the demo's held-out shape accuracy stayed at the 0.5 colour alone gives.
+    "a {color} {shape}",
+    "a photo of a {color} {shape}.",
+    "a drawing of a {color} {shape}.",
+    "an image of a {color} {shape}.",
 ]
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PROMPT_TEMPLATES = ["a photo of a {}.", "a {}.", "a drawing of a {}.", "an image of a {}.", "a small {}.",
                     "a large {}."]
 
