@@ -452,7 +452,7 @@ def print_plan(args) -> list[Row]:
         steps = f"{row.steps} steps ({row.warmup} warm-up)" if row.steps else ""
         batch = f"batch {row.batch}" if row.batch else ""
         batch = f"{row.batch} x {row.tokens_per_sample} tok" if row.kind == "llm" else batch
-        print(f"  {row.label:<48} {batch:<10} {steps:<22} {mem:<14} ~{row.estimate_s:.0f} s")
+        print(f"  {row.label:<48} {batch:<13} {steps:<22} {mem:<14} ~{row.estimate_s:.0f} s")
     cumulative = 0.0
     for row in rows:
         cumulative += row.estimate_s
