@@ -224,7 +224,8 @@ def run_row(row: Row, shards_dir: str, workers: int, gpus: int, out_dir: str, ti
             from dit_features import write_random_features
 
             write_random_features(row_data_dir(row), family_config(row.model, row.batch, gpus, row.attention,
-                                                                   row_data_dir(row))[0].model, DIT_SAMPLES)
+                                                                   row_data_dir(row))[0].model,
+                                  max(DIT_SAMPLES, 4 * row.batch * gpus))  # 4 micro-batches per DP rank at least
         res = run_engine(config, gpus, row.overrides, row.steps, row.warmup, None, python=sys.executable,
                          device="cuda", timeout=timeout, script=script)
         out = {"samples_per_s": row.batch * gpus / res["step_time_s"], "step_time_s": res["step_time_s"],
