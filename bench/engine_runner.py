@@ -1,4 +1,5 @@
-"""Run this engine's `examples/pretrain_clip.py` under torchrun for a few timed steps (benchmarks only)."""
+"""Run one of this engine's training entry points (`examples/pretrain_clip.py` by default, any family's
+`examples/pretrain_*.py`) under torchrun for a few timed steps (benchmarks only)."""
 from __future__ import annotations
 
 import json
@@ -30,24 +31,32 @@ def run_process_group(cmd: list[str], timeout: float | None, **kwargs) -> subpro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def timing_overrides(steps: int, shards_dir: str, output_dir: str, device: str = "cpu") -> list[str]:
-    """Log every step, no evaluation, synthetic shards from `shards_dir`, on `device`."""
+def generic_timing_overrides(steps: int, output_dir: str, device: str = "cpu") -> list[str]:
+    """The keys every family shares: log every step, no periodic evaluation, no final save, on `device`."""
     return [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
-            "eval.zero_shot=false", "eval.retrieval=false", f"data.synthetic.out_dir={shards_dir}",
             f"trainer.output_dir={output_dir}", f"device={device}", "checkpoint.save_at_end=false"]
 
 
-def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup: int, shards_dir: str,
+def timing_overrides(steps: int, shards_dir: str, output_dir: str, device: str = "cpu") -> list[str]:
+    """CLIP's: the generic ones, no zero-shot or retrieval evaluation, synthetic shards from `shards_dir`."""
+    return [*generic_timing_overrides(steps, output_dir, device), "eval.zero_shot=false", "eval.retrieval=false",
+            f"data.synthetic.out_dir={shards_dir}"]
+
+
+def run_engine(config: str, nproc: int, overrides: list[str], steps: int, warmup: int, shards_dir: str | None,
                python: str = sys.executable, prefix: tuple = (), env: dict | None = None, device: str = "cpu",
-               timeout: float | None = None, root: str = ROOT) -> dict:
+               timeout: float | None = None, root: str = ROOT, script: str = "examples/pretrain_clip.py") -> dict:
     """Train `steps` steps; return the step times after `warmup`, the logged MFU and peak memory
     (GPU) and the run's final_metrics.json. `prefix` goes before the launch command (a profiler
     such as `py-spy record ... --`); `root` is the engine checkout to run (another version of it, to
-    compare two versions in one benchmark)."""
+    compare two versions in one benchmark). `script`: the family's entry point; CLIP's gets its
+    evaluation switched off and `shards_dir` as its synthetic set, another family only the generic
+    keys (its data and evaluation settings come in `overrides`; `shards_dir` is then unused)."""
     with tempfile.TemporaryDirectory() as out:
+        timing = (timing_overrides(steps, shards_dir, out, device) if script.endswith("pretrain_clip.py")
+                  else generic_timing_overrides(steps, out, device))
         cmd = [*prefix, python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               os.path.join(root, "examples/pretrain_clip.py"), "--config", os.path.join(root, config),
-               *timing_overrides(steps, shards_dir, out, device), *overrides]
+               os.path.join(root, script), "--config", os.path.join(root, config), *timing, *overrides]
         env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         proc = run_process_group(cmd, timeout, cwd=root, env=env)

@@ -1,6 +1,6 @@
 """Generate text with an LLM checkpoint of this engine (models/llm/generate.py), at any TP.
 
-    python examples/generate_llm.py runs/llm_tiny/checkpoints --prompt "kato ribe" --max-new-tokens 40
+    python examples/generate_llm.py runs/llm_tiny/checkpoints --prompt "bada furu" --max-new-tokens 40
     torchrun --nproc_per_node=2 examples/generate_llm.py ckpt/llama32_1b --tensor-model-parallel-size 2 \
         --tokenizer /models/Llama-3.2-1B/tokenizer.json --prompt "The capital of France is" --do-sample --top-p 0.9
 

@@ -1,4 +1,5 @@
-"""GPU benchmark suite: CLIP B/32 and L/14 in BF16 O2 on this engine beside open_clip's own trainer.
+"""GPU benchmark suite: CLIP B/32 and L/14 in BF16 O2 on this engine beside open_clip's own trainer,
+the LLM at the Llama-3.2-1B shape and the global DiT at the seed's size.
 
     bash bench/gpu/run.sh --out /tmp/gpu_results            # full suite, under 8 minutes
     bash bench/gpu/run.sh --quick --out /tmp/gpu_results    # under 4 minutes
@@ -8,9 +9,15 @@ Rows (one GPU): the engine (`examples/pretrain_clip.py` through bench/engine_run
 entry point users run) in BF16 O2 with SDPA (its flash kernel), and with flash-attn / Transformer
 Engine attention when they import; open_clip's trainer (bench/openclip_trainer.py) on the same GPU,
 tower dimensions, batch and shards in its bf16 autocast (`--precision amp_bf16`); L/14 with full
-activation recompute; checkpoint save and load (bench/checkpoint_io.py). Each engine row reports
-samples/s, TFLOP/s and MFU (engine/flops.py, the same formula for both systems), peak memory
-(`torch.cuda.max_memory_allocated`) beside engine/memory_estimate.py's prediction. Every row runs
+activation recompute; checkpoint save and load (bench/checkpoint_io.py); the LLM
+(`examples/pretrain_llm.py`, configs/llm/llama3.2-1b.yaml: 8192-token sequences, BF16 O2, flash-attn
+when it imports, else SDPA's flash kernel) on its synthetic Markov corpus, and the DiT
+(`examples/pretrain_dit.py`, configs/dit/global_768.yaml) on random bfloat16 features of the seed's
+shapes (bench/dit_features.py); both data sets are written on the machine, no network. Each engine
+row reports samples/s (the LLM also tokens/s), TFLOP/s and MFU (engine/flops.py for CLIP, both
+systems, and the LLM; models/dit/flops.py for the DiT), peak memory (`torch.cuda.max_memory_allocated`)
+beside engine/memory_estimate.py's prediction for CLIP (the estimator is CLIP-only: the LLM and DiT
+rows report the peak alone). Every row runs
 under a time budget: a row that would not fit is skipped and says so; a row that fails is recorded
 with its error and the suite goes on. Writes results.md and results.json to --out.
 """
@@ -35,22 +42,32 @@ sys.path.insert(0, BENCH)
 from clip_throughput import SHARD_OVERRIDES, SHARD_SET  # noqa: E402  the CPU benchmark's shard set
 
 MODELS = {"b32": ("configs/clip/b32.yaml", 512), "l14": ("configs/clip/l14.yaml", 128)}  # config, batch per GPU
-LABELS = {"b32": "B/32", "l14": "L/14"}
+LABELS = {"b32": "B/32", "l14": "L/14", "llama1b": "Llama-3.2-1B", "dit768": "DiT global 768"}
+# The other families' rows: entry point, config. Batches per GPU: the LLM 2 sequences of 8192 tokens on a
+# device of 100 GiB or more (about 70 GiB by hand: 1.24B parameters x 20 bytes of BF16 O2 weights, fp32 main
+# weights, gradients and Adam moments, ~1.5 GiB of activations per layer with flash attention, and the
+# 128256-wide logits in fp32 with their gradient), 1 below; the DiT 128 samples of 256 tokens.
+FAMILY_MODELS = {"llama1b": ("llm", "examples/pretrain_llm.py", "configs/llm/llama3.2-1b.yaml"),
+                 "dit768": ("dit", "examples/pretrain_dit.py", "configs/dit/global_768.yaml")}
+DIT_BATCH = 128
+DIT_SAMPLES = 512  # random feature set: 2.5 MiB a sample in bfloat16 (256 x 4096 condition, 256 x 1024 target)
+LLM_CORPUS = ["data.synthetic.num_train=4000", "data.synthetic.num_eval=0", "data.synthetic.docs_per_shard=1000"]
 FULL_BUDGET_S, QUICK_BUDGET_S = 480.0, 240.0
 # Planning assumptions (conservative, for the time estimate only; the budget is enforced at run time)
-STARTUP_S = {"engine": 45.0, "open_clip": 35.0, "checkpoint": 75.0}
+STARTUP_S = {"engine": 45.0, "open_clip": 35.0, "checkpoint": 75.0, "llm": 50.0,
+             "dit": 60.0}  # the DiT's includes writing its random feature set (~1.3 GiB)
 ASSUMED_MFU = 0.25
 SAMPLES_PER_S_PER_WORKER = 300.0  # 64x64 JPEG decode + bicubic resize to 224 + normalise, one core
 RECOMPUTE = [f"model.{tower}.activations_checkpoint_{key}={value}" for tower in ("vision", "text")
              for key, value in (("granularity", "full"), ("method", "uniform"), ("num_layers", 1))]
-TARGETS = {"l14_mfu": 0.45, "l14_vs_open_clip": 1.3, "estimator_error": 0.10}
+TARGETS = {"l14_mfu": 0.45, "l14_vs_open_clip": 1.3, "estimator_error": 0.10, "llm_1b_mfu": 0.45}  # issues 11, 12
 
 
 @dataclass
 class Row:
     key: str  # unique id, e.g. "l14-engine-sdpa"
-    kind: str  # engine | open_clip | checkpoint
-    model: str  # b32 | l14
+    kind: str  # engine | open_clip | checkpoint | llm | dit
+    model: str  # b32 | l14 | llama1b | dit768
     batch: int  # per GPU
     steps: int
     warmup: int
@@ -60,11 +77,14 @@ class Row:
     predicted_memory_gib: float | None = None
     estimate_s: float = 0.0
     overrides: list = field(default_factory=list)
+    tokens_per_sample: int = 0  # the LLM's sequence length (tokens/s)
 
     @property
     def label(self) -> str:
         if self.kind == "checkpoint":
             return f"{LABELS[self.model]} checkpoint save / load"
+        if self.kind in ("llm", "dit"):
+            return f"{LABELS[self.model]} engine BF16 O2, {self.attention}"
         system = "open_clip_train (amp_bf16)" if self.kind == "open_clip" else f"engine BF16 O2, {self.attention}"
         return f"{LABELS[self.model]} {system}{', full recompute' if self.recompute else ''}"
 
@@ -83,6 +103,24 @@ def engine_config(model: str, batch: int, gpus: int, attention: str = "sdpa", re
     return load_config(ExperimentConfig, os.path.join(ROOT, MODELS[model][0]), overrides, BARE_KEYS), overrides
 
 
+def family_config(model: str, batch: int, gpus: int, attention: str, data_dir: str):
+    """The LLM's or DiT's config for a row (BF16 O2, no evaluation), and its overrides. `data_dir`:
+    where the row's synthetic data goes (the Markov corpus, the random features)."""
+    from engine.config import load_config
+    from engine.family import get_family
+    from engine.schema import BARE_KEYS
+
+    family, _script, config = FAMILY_MODELS[model]
+    overrides = ["trainer.precision=bf16", "model.megatron_amp_O2=true", f"trainer.micro_batch_size={batch}",
+                 f"trainer.global_batch_size={batch * gpus}", f"model.attention_backend={attention}",
+                 "optim.sched.warmup_steps=0"]
+    if family == "llm":
+        overrides += [*LLM_CORPUS, f"data.synthetic.out_dir={data_dir}"]
+    else:
+        overrides += ["eval.enabled=false", f"data.train_dir={data_dir}", "data.eval_dir=null"]
+    return load_config(get_family(family).config_cls, os.path.join(ROOT, config), overrides, BARE_KEYS), overrides
+
+
 def predicted_memory_gib(cfg, gpus: int) -> float:
     from engine.memory_estimate import estimate
 
@@ -90,9 +128,11 @@ def predicted_memory_gib(cfg, gpus: int) -> float:
 
 
 def plan(quick: bool, gpus: int = 1, device_memory_gib: float = 139.0, peak_tflops: float = 989.0,
-         backends: tuple = (), workers: int = 8) -> list[Row]:
+         backends: tuple = (), workers: int = 8, data_root: str = "data_cache") -> list[Row]:
     """The rows to run, with batch sizes that the memory estimate says fit in 85% of the device,
-    and a time estimate each. `backends`: the optional attention backends that import (flash, te)."""
+    and a time estimate each. `backends`: the optional attention backends that import (flash, te).
+    Order: the comparison rows, the LLM, then (full suite) the DiT, recompute, checkpoint I/O and the
+    optional backends, so that what the budget skips when every backend imports is the last of those."""
     from engine.flops import BatchLayout, clip_flops_per_sample
 
     steps, warmup = (16, 4) if quick else (30, 8)
@@ -119,15 +159,42 @@ def plan(quick: bool, gpus: int = 1, device_memory_gib: float = 139.0, peak_tflo
             row.predicted_memory_gib, row.estimate_s = None, STARTUP_S[kind]
         rows.append(row)
 
+    def add_family(model):
+        from engine.flops import BatchLayout
+        from models.dit.flops import training_flops_per_sample
+        from models.llm.family import llm_flops_per_sequence
+
+        kind = FAMILY_MODELS[model][0]
+        if kind == "llm":
+            batch, attention = (2 if device_memory_gib >= 100 else 1), ("flash" if "flash" in backends else "sdpa")
+            row_steps, row_warmup = (8, 3) if quick else (12, 4)  # 16k tokens a step: few steps measure it
+            data_dir = os.path.join(data_root, "gpu_bench_markov")
+        else:
+            batch, attention, (row_steps, row_warmup) = DIT_BATCH, "sdpa", (steps, warmup)
+            data_dir = os.path.join(data_root, "gpu_bench_dit_features")
+        cfg, overrides = family_config(model, batch, gpus, attention, data_dir)
+        if kind == "llm":
+            flops, tokens = llm_flops_per_sequence(cfg.model), cfg.model.seq_length
+        else:
+            flops = training_flops_per_sample(cfg.model, BatchLayout(batch, gpus).contrastive_batch)
+            tokens = cfg.model.seq_length
+        step_s = flops * batch / (ASSUMED_MFU * peak_tflops * 1e12)
+        row = Row(f"{model}-{kind}-{attention}", kind, model, batch, row_steps, row_warmup, attention,
+                  flops_per_sample=flops, tokens_per_sample=tokens, overrides=overrides)
+        row.estimate_s = STARTUP_S[kind] + row_steps * step_s
+        rows.append(row)
+
     for model in ("b32", "l14"):
         add("engine", model)
         add("open_clip", model)
+    add_family("llama1b")
     if not quick:
+        add_family("dit768")
         add("engine", "l14", recompute=True)
+        add("checkpoint", "l14")
         for backend in ("flash", "te"):
             if backend in backends:
                 add("engine", "l14", attention=backend)
-        add("checkpoint", "l14")
     return rows
 
 
@@ -150,6 +217,21 @@ def run_row(row: Row, shards_dir: str, workers: int, gpus: int, out_dir: str, ti
     from engine_runner import run_engine, run_process_group
     from openclip_trainer import run_openclip_trainer
 
+    if row.kind in ("llm", "dit"):
+        family, script, config = FAMILY_MODELS[row.model]
+        if family == "dit":  # random features of the seed's shapes, written here (kept when already there)
+            from dit_features import write_random_features
+
+            write_random_features(row_data_dir(row), family_config(row.model, row.batch, gpus, row.attention,
+                                                                   row_data_dir(row))[0].model,
+                                  max(DIT_SAMPLES, 4 * row.batch * gpus))  # 4 micro-batches per DP rank at least
+        res = run_engine(config, gpus, row.overrides, row.steps, row.warmup, None, python=sys.executable,
+                         device="cuda", timeout=timeout, script=script)
+        out = {"samples_per_s": row.batch * gpus / res["step_time_s"], "step_time_s": res["step_time_s"],
+               "mfu_logged": res["mfu_logged"], "peak_memory_gib": res["peak_memory_gib"]}
+        if row.tokens_per_sample and family == "llm":
+            out["tokens_per_s"] = out["samples_per_s"] * row.tokens_per_sample
+        return out
     if row.kind == "engine":
         res = run_engine(MODELS[row.model][0], gpus, row.overrides + [f"data.num_workers={workers}"], row.steps,
                          row.warmup, shards_dir, python=sys.executable, device="cuda", timeout=timeout)
@@ -173,6 +255,12 @@ def run_row(row: Row, shards_dir: str, workers: int, gpus: int, out_dir: str, ti
     return {"gib": data["mib"] / 1024, "operations": data["rows"]}
 
 
+def row_data_dir(row: Row) -> str:
+    """The data directory a family row's overrides name."""
+    key = "data.synthetic.out_dir=" if row.kind == "llm" else "data.train_dir="
+    return next(o[len(key):] for o in row.overrides if o.startswith(key))
+
+
 def summarize(rows: list[Row], results: dict, peak: float | None, gpus: int) -> dict:
     """Derived figures: TFLOP/s and MFU, estimator error, engine vs open_clip, recompute cost."""
     for row in rows:
@@ -180,7 +268,7 @@ def summarize(rows: list[Row], results: dict, peak: float | None, gpus: int) -> 
         if "samples_per_s" in r:
             r["tflops_per_gpu"] = row.flops_per_sample * r["samples_per_s"] / gpus / 1e12
             r["mfu"] = r["tflops_per_gpu"] / peak if peak else None
-        if r.get("peak_memory_gib"):
+        if r.get("peak_memory_gib") and row.predicted_memory_gib is not None:  # the estimator is CLIP's
             r["predicted_memory_gib"] = row.predicted_memory_gib
             r["estimator_error"] = row.predicted_memory_gib / r["peak_memory_gib"] - 1
     for row in rows:
@@ -200,6 +288,9 @@ def summarize(rows: list[Row], results: dict, peak: float | None, gpus: int) -> 
         checks[f"L/14 MFU >= {TARGETS['l14_mfu']:.0%}"] = l14["mfu"] >= TARGETS["l14_mfu"]
     if "vs_open_clip" in l14:
         checks[f"L/14 >= {TARGETS['l14_vs_open_clip']}x open_clip"] = l14["vs_open_clip"] >= TARGETS["l14_vs_open_clip"]
+    llm = next((results[r.key] for r in rows if r.model == "llama1b"), {})
+    if llm.get("mfu") is not None:
+        checks[f"Llama-3.2-1B MFU >= {TARGETS['llm_1b_mfu']:.0%}"] = llm["mfu"] >= TARGETS["llm_1b_mfu"]
     errors = [abs(results[r.key]["estimator_error"]) for r in rows if "estimator_error" in results[r.key]]
     if errors:
         checks[f"memory estimate within {TARGETS['estimator_error']:.0%}"] = max(errors) <= TARGETS["estimator_error"]
@@ -225,8 +316,15 @@ def markdown(header: str, rows: list[Row], results: dict, checks: dict) -> str:
                     f"{fmt(r.get('recompute_memory_saved_gib'), '.1f', ' GiB')}")
         if "data_time_s" in r:
             note = f"data wait {r['data_time_s']:.3f} s/step"
+        batch = row.batch
+        if row.kind == "llm":
+            batch = f"{row.batch} x {row.tokens_per_sample} tokens"
+            if "tokens_per_s" in r:
+                note = f"{r['tokens_per_s']:.0f} tokens/s; " + note
+        if row.kind in ("llm", "dit") and "samples_per_s" in r:
+            note += "memory estimator is CLIP-only: peak alone"
         lines.append(
-            f"| {row.label} | {row.batch} | {fmt(r.get('samples_per_s'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.1f')} | "
+            f"| {row.label} | {batch} | {fmt(r.get('samples_per_s'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.1f')} | "
             f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f', '%')} | {fmt(r.get('vs_open_clip'), '.2f', 'x')} | "
             f"{fmt(r.get('peak_memory_gib'), '.1f')} | {fmt(row.predicted_memory_gib, '.1f')} | "
             f"{fmt(r.get('estimator_error') and 100 * r['estimator_error'], '+.1f', '%')} | {note} |")
@@ -252,7 +350,8 @@ def wheel_specs() -> list[tuple[str, str, str]]:
 # Present on the GPU machine and not shipped (its own builds), with what needs them.
 MACHINE_MODULES = ["torch", "torchvision", "transformers", "sentencepiece", "safetensors", "tensorboard", "numpy",
                    "PIL", "yaml", "regex", "tqdm", "huggingface_hub", "fsspec", "packaging"]
-ENTRY_MODULES = ["models.clip.family", "open_clip_train.main"]  # what the suite's runs import
+ENTRY_MODULES = ["models.clip.family", "models.llm.family", "models.dit.family",
+                 "open_clip_train.main"]  # what the suite's runs import
 
 
 def _wheel_kind(filename: str) -> str:
@@ -342,15 +441,24 @@ def dry_run(site: str, args) -> int:
 
 
 def print_plan(args) -> list[Row]:
-    rows = plan(args.quick, args.gpus, args.device_memory_gib, args.peak_tflops, available_backends(), args.workers)
+    rows = plan(args.quick, args.gpus, args.device_memory_gib, args.peak_tflops, available_backends(), args.workers,
+                args.data_root)
     budget = QUICK_BUDGET_S if args.quick else FULL_BUDGET_S
     print(f"plan ({'quick' if args.quick else 'full'}, {args.gpus} GPU, {args.device_memory_gib:.0f} GiB, peak "
           f"{args.peak_tflops:.0f} TFLOP/s, {args.workers} data workers per system; budget {budget:.0f} s):")
     for row in rows:
         mem = f"{row.predicted_memory_gib:.1f} GiB est." if row.predicted_memory_gib is not None else ""
+        mem = "peak only" if row.kind in ("llm", "dit") else mem  # engine/memory_estimate.py is CLIP's
         steps = f"{row.steps} steps ({row.warmup} warm-up)" if row.steps else ""
         batch = f"batch {row.batch}" if row.batch else ""
-        print(f"  {row.label:<48} {batch:<10} {steps:<22} {mem:<14} ~{row.estimate_s:.0f} s")
+        batch = f"{row.batch} x {row.tokens_per_sample} tok" if row.kind == "llm" else batch
+        print(f"  {row.label:<48} {batch:<13} {steps:<22} {mem:<14} ~{row.estimate_s:.0f} s")
+    cumulative = 0.0
+    for row in rows:
+        cumulative += row.estimate_s
+        if cumulative > budget:
+            print(f"  beyond the budget by the estimate, skipped at run time unless earlier rows finish sooner: "
+                  f"{row.label}")
     print(f"  estimated total {sum(r.estimate_s for r in rows):.0f} s")
     return rows
 
@@ -371,6 +479,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: engine/flops.py's table")
     parser.add_argument("--budget-s", type=float, default=None)
     parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/gpu_bench_shapes"))
+    parser.add_argument("--data-root", default=os.path.join(ROOT, "data_cache"),
+                        help="where the LLM's Markov corpus and the DiT's random features are written")
     args = parser.parse_args(argv)
 
     if args.dry_run:  # plan for the GPU machine (16 cores), not for this one
@@ -414,10 +524,11 @@ def main(argv=None) -> int:
         results[row.key]["wall_s"] = time.time() - tic
         print(f"[suite] {row.label}: {json.dumps(results[row.key])[:400]}", flush=True)
     checks = summarize(rows, results, args.peak_tflops, args.gpus)
-    header = (f"CLIP training on {args.gpus}x {device} ({args.device_memory_gib:.0f} GiB, peak {args.peak_tflops:.0f} "
+    header = (f"Training on {args.gpus}x {device} ({args.device_memory_gib:.0f} GiB, peak {args.peak_tflops:.0f} "
               f"TFLOP/s dense BF16), torch {torch.__version__}, CUDA {torch.version.cuda}, "
               f"{'quick' if args.quick else 'full'} suite in {time.time() - start:.0f} s; {args.workers} data workers "
-              f"per system; synthetic 64 px shards upscaled to 224; MFU from engine/flops.py for both systems")
+              f"per system; CLIP: synthetic 64 px shards upscaled to 224, MFU from engine/flops.py for both systems; LLM: "
+              f"synthetic Markov corpus, 8192-token sequences; DiT: random bfloat16 features of the seed's shapes")
     table = markdown(header, rows, results, checks)
     print(table)
     with open(os.path.join(out_dir, "results.md"), "w") as fh:

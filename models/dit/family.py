@@ -195,7 +195,8 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     return TrainingParts(model=model, forward_step=partial(dit_forward_step, flow, path, noise, ctx.dp_group, ctx.device),
                          train_loader=train_loader, eval_fn=eval_fn,
                          extra_state={"flow_noise": noise} if noise is not None else {},
-                         flops_per_sample=training_flops_per_sample(cfg.model),
+                         flops_per_sample=training_flops_per_sample(
+                             cfg.model, contrastive_batch=cfg.trainer.micro_batch_size * ctx.dims.dp),
                          train_metrics=("cosine", "velocity_mse"), describe_train_metrics=describe_train_metrics)
 
 

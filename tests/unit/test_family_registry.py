@@ -123,3 +123,20 @@ def test_short_world_suggests_more_processes_with_the_same_arguments():
         validate_layout(cfg, 1, clip, argv)
     assert ("`torchrun --nproc_per_node=4 examples/pretrain_clip.py --config configs/clip/tiny.yaml "
             "tensor_model_parallel_size=4`") in str(info.value)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_bad_layout_stops_every_family_entry_point_before_any_process_group(name, tmp_path):
+    """Through the real entry point, one process: TP=3 divides neither the world nor the tiny
+    model's heads; exit 2 with every problem named, before the run writes anything (the checks
+    run before process groups exist)."""
+    family = get_family(name)
+    out = subprocess.run([sys.executable, family.entry_point, "--config", f"configs/{name}/tiny.yaml",
+                          "tensor_model_parallel_size=3", f"trainer.output_dir={tmp_path}/run", "device=cpu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    error = out.stderr[out.stderr.index("error: "):]  # torch may warn before it (no CUDA runtime)
+    assert "world size 1 is not divisible by tensor_model_parallel_size=3" in error
+    assert "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3" in error
+    assert "a layout that fits:" in error and family.entry_point in error
+    assert not (tmp_path / "run").exists()
