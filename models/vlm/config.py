@@ -155,6 +155,10 @@ class TemplateConfig:
 class VLMTokenizerConfig:
     type: str = "huggingface"  # huggingface (a tokenizer.json or its directory) | sentencepiece (a .model)
     path: str | None = None  # None: the synthetic set's word-level tokenizer.json
+    # huggingface: special-token names; None reads tokenizer_config.json beside the file, then common
+    # names. eos ends generation when data.template.stop_token is null; the template has its own bos.
+    bos_token: str | None = None
+    eos_token: str | None = None
 
 
 @dataclass

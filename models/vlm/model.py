@@ -134,7 +134,7 @@ class VLMModel(torch.nn.Module):
     # -- one pipeline stage ----------------------------------------------------------------------
     def stage_forward(self, inputs: dict | None = None, tokens: torch.Tensor | None = None,
                       images: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                      labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None, *,
+                      labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                       parallel_output: bool = False) -> dict:
         """First stage: `tokens` [b, s] (pad ids at image positions), `images` [n, 3, H, W] (may be
         empty) and `image_index` [b, s]. Later stages: `inputs` = {"hidden": ...}. Not the last
