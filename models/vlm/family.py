@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data.tokenizers import Tokenizer
+from engine.checkpoint import KeyMap
 from engine.family import ModelFamily, TrainingParts
 from engine.flops import gpt_flops_per_token, transformer_layer_flops
 from engine.precision import PrecisionPlan
@@ -85,12 +86,10 @@ def build_model(cfg, ctx, precision: PrecisionPlan) -> VLMModel:
     announce_attention_backend(model.attention_backend, ctx.device)
     m = cfg.model
     if m.lora.enabled:
-        from models.common.lora import apply_lora
+        from models.common.lora import LoRAConfig, apply_lora
 
         base = dataclasses.asdict(m.lora)
         base.pop("enabled")
-        from models.common.lora import LoRAConfig
-
         adapted = apply_lora(model, LoRAConfig(**base), include=["llm."])
         if ctx.is_logging_rank:
             log.info("LoRA rank %d on %d LLM linears (%s)", m.lora.rank, len(adapted), ", ".join(m.lora.target_modules))
@@ -138,9 +137,11 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
         link = StageLink(ctx.device) if ctx.dims.pp > 1 else None
         eval_fn = make_eval_fn(cfg, ctx, model, partial(_loader, cfg, data, data.eval, None, dp_rank=0, dp_size=1,
                                                         batch_size=cfg.eval.batch_size, train=False), link, data.qtypes)
+    # checkpoint.init_from (a stage-1 VLM checkpoint) into a LoRA model: the adapters are new
+    init_key_map = KeyMap(allow_missing=["*.lora.*"]) if cfg.model.lora.enabled else None
     return TrainingParts(model=model, forward_step=vlm_forward_step, train_loader=train_loader, eval_fn=eval_fn,
                          summary=partial(data_totals, ctx, train_loader if model.pre_process else None),
-                         flops_per_sample=vlm_flops_per_sample(cfg.model))
+                         flops_per_sample=vlm_flops_per_sample(cfg.model), init_key_map=init_key_map)
 
 
 def data_totals(ctx, loader) -> dict:

@@ -23,7 +23,7 @@ log = logging.getLogger("engine")
 VISION_FROM_CLIP = KeyMap(
     rename=[(r"^vision\.", "visual.")],
     allow_missing=["connector.*", "llm.*"],
-    allow_unused=["text.*", "logit_scale", "visual.proj", "visual.transformer.final_layernorm.*",
+    allow_unused=["text.*", "logit_scale", "visual.proj.*", "visual.transformer.final_layernorm.*",
                   "visual.transformer.layers.*"],  # the layers after feature_select_index (the used ones must load)
 )
 LLM_FROM_LLM = KeyMap(rename=[(r"^llm\.", "")], allow_missing=["vision.*", "connector.*", "*.lora.*"])
