@@ -173,11 +173,17 @@ class VLMModel(torch.nn.Module):
         return out["loss"] if labels is not None else out["logits"]
 
     # -- optimizer hook --------------------------------------------------------------------------
+    # The image path (open_clip's rule, as the CLIP family): no decay for learned positions, the class
+    # token, the resampler's latents and norms; the LLM keeps its own rule (Megatron's: tensors of fewer
+    # than 2 dims only, the embedding and output layer are decayed).
     NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "latents", "norm", "ln_")
 
     def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
-        """No decay for biases, norm gains, embeddings, learned positions, class token and latents."""
-        return param.ndim < 2 or any(part in name for part in self.NO_DECAY_NAME_PARTS)
+        if param.ndim < 2:
+            return True
+        if name.startswith("llm."):
+            return LLMModel.no_weight_decay(name[4:], param)
+        return any(part in name for part in self.NO_DECAY_NAME_PARTS)
 
 
 def vlm_forward_step(model: VLMModel, batch: dict | None, inputs: dict | None):

@@ -1,5 +1,5 @@
 """The VLM at TP=2 and PP=2 against TP=1/PP=1 with the same weights and micro-batches (fp32): the
-loss and every gradient within 1e-5.
+loss and every gradient within 1e-5; at TP=2 also with the LLM sequence-parallel.
 
 Two variants: `mlp` (mlp2x_gelu connector, everything trains, features of layer -2 without the
 class token) and `perceiver` (resampler connector, the vision tower frozen, features of the last
@@ -29,11 +29,12 @@ def _config(variant):
     return tiny_vlm_config(v["connector"], use_cls=v["use_cls"], feature_select_index=v["feature_select_index"])
 
 
-def _run_variant(ctx, variant, tp, pp, full_state):
+def _run_variant(ctx, variant, tp, pp, full_state, sequence_parallel=False):
     from engine.schedules import forward_backward
     from models.vlm.model import VLMModel, freeze_parts, vlm_forward_step
     from parallel.p2p import StageLink
     from parallel.pp_sharding import gather_pipeline_state, stage_state_from_full
+    from parallel.sequence_parallel import allreduce_sequence_parallel_grads
     from parallel.tp_sharding import (
         gather_full_grads,
         gather_full_state_dict,
@@ -42,7 +43,8 @@ def _run_variant(ctx, variant, tp, pp, full_state):
 
     torch.manual_seed(21)
     cfg = _config(variant)
-    model = VLMModel(cfg)
+    model = VLMModel(cfg, sequence_parallel=sequence_parallel)
+    assert model.llm.sequence_parallel.enabled == sequence_parallel
     freeze_parts(model, vision=VARIANTS[variant]["freeze_vision"], connector=False, llm=False)
     if full_state is not None:
         stage = stage_state_from_full(full_state, model)
@@ -52,6 +54,7 @@ def _run_variant(ctx, variant, tp, pp, full_state):
     result = forward_backward(model=model, forward_step=vlm_forward_step, data_iter=iter(batches),
                               num_micro_batches=MICRO_BATCHES, link=StageLink(ctx.device) if pp > 1 else None,
                               optimizer=_NoOptimizer(), reads_data=first or last)
+    allreduce_sequence_parallel_grads(model.parameters())  # the LLM's SP norms, summed over TP (the optimizer's job)
     frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     return {"loss": result.loss_sum / MICRO_BATCHES, "first": first, "last": last,
             "frozen_with_grad": frozen_with_grad,
@@ -64,7 +67,10 @@ def _run(tp, pp, full_states):
     from parallel.context import initialize_parallel
 
     ctx = initialize_parallel(tp, pp, device="cpu", seed=11)
-    return {v: _run_variant(ctx, v, tp, pp, full_states and full_states[v]) for v in VARIANTS}
+    out = {v: _run_variant(ctx, v, tp, pp, full_states and full_states[v]) for v in VARIANTS}
+    if tp == 2:  # the LLM with sequence parallelism (the image path never uses it)
+        out["sp/mlp"] = _run_variant(ctx, "mlp", tp, pp, full_states["mlp"], sequence_parallel=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +78,12 @@ def reference():
     return run_ranks(1, _run, 1, 1, None)[0]
 
 
-def _check(results, reference):
+def _check(results, reference, prefix=""):
     worst = 0.0
     for variant, ref in reference.items():
-        for r in (res[variant] for res in results):
+        if prefix + variant not in results[0]:
+            continue
+        for r in (res[prefix + variant] for res in results):
             assert r["frozen_with_grad"] == []
             if r["last"]:
                 torch.testing.assert_close(r["loss"], ref["loss"], atol=TOL, rtol=TOL)
@@ -135,8 +143,10 @@ def _text_only():
             "llm_grad_max": model.llm.decoder.layers[0].mlp.linear_fc1.weight.grad.abs().max().item()}
 
 
-def test_tp2_matches_single_process(reference):
-    _check(run_ranks(2, _run, 2, 1, {v: reference[v]["state"] for v in VARIANTS}), reference)
+def test_tp2_with_and_without_sequence_parallel_matches_single_process(reference):
+    results = run_ranks(2, _run, 2, 1, {v: reference[v]["state"] for v in VARIANTS})
+    _check(results, reference)
+    _check(results, reference, prefix="sp/")
 
 
 def test_pp2_matches_single_process(reference):
