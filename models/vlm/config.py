@@ -180,7 +180,8 @@ class SyntheticVQAConfig:
 class VLMDataConfig:
     # Conversations: jsonl files, one record per line: LLaVA's {"image": path | [paths],
     # "conversations": [{"from": "human" | "gpt", "value"}]} or {"messages": [{"role", "content"}]}.
-    # A file, glob, directory or comma list. None: the synthetic VQA set.
+    # Or WebDataset tar shards: <key>.json (the record without "image") + <key>.jpg (<key>.<n>.jpg for
+    # several). A file, glob, directory or comma list. None: the synthetic VQA set.
     train_data: str | None = None
     text_data: str | None = None  # text-only conversations, mixed in by text_batch_fraction
     eval_data: str | None = None

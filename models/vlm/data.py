@@ -1,4 +1,4 @@
-"""The VLM's data: conversation sets (LLaVA-style jsonl files, the synthetic VQA set) and the
+"""The VLM's data: conversation sets (LLaVA-style jsonl files, WebDataset shards, the synthetic VQA set) and the
 micro-batch loader with modality mixing.
 
 Modality mixing (the seed's MultiLoader): with `data.text_batch_fraction` > 0, micro-batch k of
@@ -66,7 +66,7 @@ def expand_files(spec: str) -> list[str]:
     for part in spec.split(","):
         part = part.strip()
         if os.path.isdir(part):
-            files.extend(sorted(glob.glob(os.path.join(part, "*.jsonl"))))
+            files.extend(sorted(glob.glob(os.path.join(part, "*.jsonl")) + glob.glob(os.path.join(part, "*.tar"))))
         elif any(c in part for c in "*?["):
             files.extend(sorted(glob.glob(part)))
         else:
@@ -84,7 +84,7 @@ class JsonlConversations:
 
     def __init__(self, spec: str, image_size: int, image_folder: str | None = None, image_token: str = "<image>"):
         self.records, self.image_size, self.image_token = [], image_size, image_token
-        for path in expand_files(spec):
+        for path in (expand_files(spec) if isinstance(spec, str) else spec):
             folder = image_folder or os.path.dirname(os.path.abspath(path))
             with open(path) as fh:
                 for line_no, line in enumerate(fh, 1):
@@ -112,6 +112,65 @@ class JsonlConversations:
             with Image.open(path) as img:
                 images.append(image_tensor(img, self.image_size))
         return {"images": images, "turns": record["turns"], "qtypes": record["qtypes"]}
+
+
+class WebDatasetConversations:
+    """Conversations from WebDataset tar shards: per sample `<key>.json` (a record as in the jsonl
+    files, without "image") and its images `<key>.jpg` / `.png` or `<key>.<n>.jpg` for several
+    (in name order). The shards are indexed once (member offsets); samples are read on demand."""
+
+    IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+    def __init__(self, shards: list, image_size: int, image_token: str = "<image>"):
+        import tarfile
+
+        self.image_size, self.image_token, self.samples = image_size, image_token, []
+        for shard in shards:
+            groups: dict = {}
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
+            for key, parts in groups.items():
+                if "json" not in parts:
+                    raise ValueError(f"{shard}: sample {key!r} has no {key}.json")
+                images = sorted(e for e in parts if e.lower().endswith(tuple(x[1:] for x in self.IMAGE_EXTENSIONS)))
+                self.samples.append((shard, key, parts["json"], [parts[e] for e in images]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def length_hint(self, index: int) -> int:
+        return self.samples[index][2][1]  # the json's size
+
+    @staticmethod
+    def _read(path: str, offset: int, size: int) -> bytes:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    def __getitem__(self, index: int) -> dict:
+        import io
+
+        shard, key, (offset, size), images = self.samples[index]
+        record = json.loads(self._read(shard, offset, size))
+        tensors = []
+        for image_offset, image_size in images:
+            with Image.open(io.BytesIO(self._read(shard, image_offset, image_size))) as img:
+                tensors.append(image_tensor(img, self.image_size))
+        return {"images": tensors, "turns": turns_of(record, shard, key), "qtypes": record.get("qtypes", [])}
+
+
+def conversation_set(spec: str, image_size: int, image_folder: str | None, image_token: str):
+    """jsonl files or WebDataset tar shards (one kind per spec) of conversations."""
+    files = expand_files(spec)
+    if all(f.endswith(".tar") for f in files):
+        return WebDatasetConversations(files, image_size, image_token)
+    if any(f.endswith(".tar") for f in files):
+        raise ValueError(f"{spec}: mixes .tar shards and jsonl files; give one kind per data key")
+    return JsonlConversations(spec, image_size, image_folder, image_token)
 
 
 class VLMLoader:

@@ -34,7 +34,7 @@ from models.llm.config import llm_layout_problems, llm_vocab_rows
 from models.llm.family import load_tokenizer
 from models.vlm.config import VLMConfig, VLMExperimentConfig, vision_problems
 from models.vlm.connector import connector_layout_problems
-from models.vlm.data import JsonlConversations, VLMLoader, synthetic_sets
+from models.vlm.data import VLMLoader, conversation_set, synthetic_sets
 from models.vlm.evaluate import make_eval_fn
 from models.vlm.model import VLMModel, freeze_parts, vlm_forward_step
 from parallel.p2p import StageLink
@@ -74,10 +74,10 @@ def prepare_data(cfg, ctx) -> VLMData:
     tokenizer = load_tokenizer(data.tokenizer, data.tokenizer.path)
     token = data.template.image_token
 
-    def jsonl(spec):
-        return JsonlConversations(spec, image_size, data.image_folder, token) if spec else None
+    def load(spec):
+        return conversation_set(spec, image_size, data.image_folder, token) if spec else None
 
-    return VLMData(jsonl(data.train_data), jsonl(data.text_data), jsonl(data.eval_data), tokenizer)
+    return VLMData(load(data.train_data), load(data.text_data), load(data.eval_data), tokenizer)
 
 
 def build_model(cfg, ctx, precision: PrecisionPlan) -> VLMModel:

@@ -157,3 +157,41 @@ def test_jsonl_conversations(tmp_path, tokenizer):
     path.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match="conv.jsonl:1: an assistant message without a user message"):
         JsonlConversations(str(path), image_size=16)
+
+
+def test_webdataset_conversations(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from models.vlm.data import conversation_set
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        add(tar, "a.json", json.dumps({"conversations": [{"from": "human", "value": "<image> what colour is it"},
+                                                         {"from": "gpt", "value": "red"}]}).encode())
+        add(tar, "a.png", png((255, 0, 0)))
+        add(tar, "b.json", json.dumps({"messages": [{"role": "user", "content": "<image> <image> same colour"},
+                                                    {"role": "assistant", "content": "no"}]}).encode())
+        add(tar, "b.0.png", png((0, 0, 255)))
+        add(tar, "b.1.png", png((0, 255, 0)))
+    ds = conversation_set(str(tmp_path / "shard-*.tar"), 16, None, "<image>")
+    assert len(ds) == 2
+    a, b = ds[0], ds[1]
+    assert a["turns"] == [("<image> what colour is it", "red")] and len(a["images"]) == 1
+    assert a["images"][0].shape == (3, 16, 16) and a["images"][0][0].mean() > a["images"][0][2].mean()  # red
+    assert len(b["images"]) == 2 and b["images"][0][2].mean() > b["images"][1][2].mean()  # blue first, by name
+    (tmp_path / "c.jsonl").write_text("")
+    with pytest.raises(ValueError, match="mixes .tar shards and jsonl"):
+        conversation_set(f"{tmp_path}/shard-0.tar,{tmp_path}/c.jsonl", 16, None, "<image>")
