@@ -1,8 +1,7 @@
-"""Stage 2 of a LLaVA-style VLM: instruction tuning of the connector and the LLM (full, or LoRA
+r"""Stage 2 of a LLaVA-style VLM: instruction tuning of the connector and the LLM (full, or LoRA
 adapters on the LLM with configs/vlm/instruct_lora.yaml), from a stage-1 checkpoint.
 
-    torchrun --nproc_per_node=2 examples/finetune_vlm.py --config configs/vlm/instruct.yaml \
-        checkpoint.init_from=runs/vlm_pretrain/checkpoints                                    # synthetic demo
+    torchrun --nproc_per_node=2 examples/finetune_vlm.py --config configs/vlm/tiny.yaml     # CPU demo, synthetic VQA
     torchrun --nproc_per_node=8 examples/finetune_vlm.py --config configs/vlm/instruct_lora.yaml \
         checkpoint.init_from=runs/vlm_pretrain/checkpoints data.train_data=/data/llava_v1_5_mix665k.jsonl \
         data.image_folder=/data/images data.tokenizer.path=/models/Llama-3.2-1B tensor_model_parallel_size=2

@@ -1,4 +1,4 @@
-"""Answer questions about images with a VLM checkpoint of this engine (models/vlm/generate.py), at any TP.
+r"""Answer questions about images with a VLM checkpoint of this engine (models/vlm/generate.py), at any TP.
 
     python examples/generate_vlm.py runs/vlm_tiny/checkpoints --image shape.png --question "what colour is the shape"
     python examples/generate_vlm.py runs/vlm_tiny/checkpoints --synthetic 8          # the synthetic eval questions

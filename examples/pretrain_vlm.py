@@ -1,6 +1,7 @@
-"""Stage 1 of a LLaVA-style VLM: train the connector on captions, the vision tower and the LLM frozen.
+r"""Stage 1 of a LLaVA-style VLM: train the connector on captions, the vision tower and the LLM frozen.
 
-    torchrun --nproc_per_node=2 examples/pretrain_vlm.py --config configs/vlm/pretrain.yaml     # synthetic demo
+    torchrun --nproc_per_node=2 examples/pretrain_vlm.py --config configs/vlm/tiny.yaml data.use_captions=true
+                                    # CPU demo: captions of the synthetic set; the tiny LLM trains too (no pretrained one)
     torchrun --nproc_per_node=8 examples/pretrain_vlm.py --config configs/vlm/pretrain.yaml \
         model.init.vision=runs/clip_b16/checkpoints model.init.llm=/models/Llama-3.2-1B \
         data.train_data=/data/llava_pretrain/blip_laion_cc_sbu_558k.jsonl data.tokenizer.path=/models/Llama-3.2-1B
