@@ -1,5 +1,5 @@
 """The VLM at TP=2 and PP=2 against TP=1/PP=1 with the same weights and micro-batches (fp32): the
-loss and every gradient within 1e-5; at TP=2 also with the LLM sequence-parallel.
+loss and every gradient within 1e-5; also TP=2 x PP=2 (4 ranks), and at TP=2 with the LLM sequence-parallel.
 
 Two variants: `mlp` (mlp2x_gelu connector, everything trains, features of layer -2 without the
 class token) and `perceiver` (resampler connector, the vision tower frozen, features of the last
@@ -151,3 +151,9 @@ def test_tp2_with_and_without_sequence_parallel_matches_single_process(reference
 
 def test_pp2_matches_single_process(reference):
     _check(run_ranks(2, _run, 1, 2, {v: reference[v]["state"] for v in VARIANTS}), reference)
+
+
+def test_tp2_pp2_matches_single_process(reference):
+    results = run_ranks(4, _run, 2, 2, {v: reference[v]["state"] for v in VARIANTS})
+    _check(results, reference)
+    _check(results, reference, prefix="sp/")
