@@ -30,7 +30,7 @@ from engine.family import ModelFamily, TrainingParts
 from engine.flops import gpt_flops_per_token, transformer_layer_flops
 from engine.precision import PrecisionPlan
 from models.common.attention import announce_attention_backend
-from models.llm.config import llm_layout_problems, llm_vocab_rows
+from models.llm.config import LLMConfig, llm_layout_problems, llm_vocab_rows
 from models.llm.family import load_tokenizer
 from models.vlm.config import VLMConfig, VLMExperimentConfig, vision_problems
 from models.vlm.connector import connector_layout_problems
@@ -175,6 +175,12 @@ def vlm_flops_per_sample(m: VLMConfig) -> float:
 
 def preflight(cfg) -> list[str]:
     problems = vision_problems(cfg.model)
+    # The VLM sets these once for the tower and the LLM (model.*); the LLM section's copies are not read.
+    llm_defaults = LLMConfig()
+    for key in ("attention_backend", "use_flash_attention", "megatron_amp_O2"):
+        if getattr(cfg.model.llm, key) != getattr(llm_defaults, key):
+            problems.append(f"model.llm.{key}={getattr(cfg.model.llm, key)!r} is not read: the VLM sets it for the "
+                            f"vision tower and the LLM together, use model.{key}")
     data = cfg.data
     if data.train_data is None:
         from data.vlm_synthetic import vocab_size

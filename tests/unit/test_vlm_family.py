@@ -92,8 +92,9 @@ def test_layout_problems_name_their_keys():
 def test_preflight_names_the_problem(tmp_path):
     family = get_family("vlm")
     cfg = _cfg("configs/vlm/tiny.yaml", "model.llm.vocab_size=20", "model.vision.feature_select_index=5",
-               f"model.init.vision={tmp_path}/none")
+               f"model.init.vision={tmp_path}/none", "model.llm.attention_backend=flash")
     text = "\n".join(family.preflight(cfg))
+    assert "model.llm.attention_backend='flash' is not read" in text and "use model.attention_backend" in text
     assert "model.llm.vocab_size=20 is smaller than the synthetic set's" in text
     assert "model.vision.feature_select_index=5" in text
     assert f"model.init.vision={tmp_path}/none: no such file" in text
