@@ -6,4 +6,5 @@ FAMILIES = {
     "clip": "models.clip.family:CLIP",
     "llm": "models.llm.family:LLM",
     "dit": "models.dit.family:DIT",
+    "vlm": "models.vlm.family:VLM",
 }

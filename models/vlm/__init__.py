@@ -1,0 +1,1 @@
+"""LLaVA-style vision-language model: CLIP ViT, MLP or perceiver connector, Llama-style LLM."""
