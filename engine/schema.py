@@ -137,6 +137,23 @@ class ExperimentConfig:
     ]
 
 
+# NeMo's configs place the parallel, batch and optimizer keys under model.*; a family adds these to
+# its own `config_aliases` so a NeMo user's keys work for every family (each use logged once).
+NEMO_GENERIC_ALIASES = {
+    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "model.sequence_parallel": "parallel.sequence_parallel",
+    "model.micro_batch_size": "trainer.micro_batch_size",
+    "model.global_batch_size": "trainer.global_batch_size",
+    "model.optim.name": "optim.name",
+    "model.optim.lr": "optim.lr",
+    "model.optim.weight_decay": "optim.weight_decay",
+    "model.optim.betas": "optim.betas",
+    "model.optim.eps": "optim.eps",
+    "model.optim.sched.warmup_steps": "optim.sched.warmup_steps",
+    "model.optim.sched.min_lr": "optim.sched.min_lr",
+}
+
 # Keys accepted bare at top level, as in `torchrun ... pretrain_clip.py tensor_model_parallel_size=4`.
 BARE_KEYS = {
     "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",

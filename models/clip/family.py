@@ -26,6 +26,7 @@ from engine.family import ModelFamily, TrainingParts
 from engine.flops import BatchLayout, clip_flops_per_sample
 from engine.layout import check_divides
 from engine.precision import PrecisionPlan
+from engine.schema import NEMO_GENERIC_ALIASES
 from engine.schedules import pipelined_forward
 from models.clip.config import CLIPExperimentConfig
 from models.clip.distill import teacher_outputs
@@ -577,18 +578,7 @@ def vocab_rows(model_cfg, tp: int) -> int:
 # The "To Enable" column of NeMo's CLIP feature table (and NeMo's model.* placement of parallel,
 # batch and optimizer keys): a NeMo user's keys work here, each use logged once.
 NEMO_ALIASES = {
-    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
-    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
-    "model.sequence_parallel": "parallel.sequence_parallel",
-    "model.micro_batch_size": "trainer.micro_batch_size",
-    "model.global_batch_size": "trainer.global_batch_size",
-    "model.optim.name": "optim.name",
-    "model.optim.lr": "optim.lr",
-    "model.optim.weight_decay": "optim.weight_decay",
-    "model.optim.betas": "optim.betas",
-    "model.optim.eps": "optim.eps",
-    "model.optim.sched.warmup_steps": "optim.sched.warmup_steps",
-    "model.optim.sched.min_lr": "optim.sched.min_lr",
+    **NEMO_GENERIC_ALIASES,
     "model.vision.use_flash_attention": "model.use_flash_attention",
     "model.text.use_flash_attention": "model.use_flash_attention",
     # The table says "same for model.llm" (NeMo's multimodal docs call the text tower that).

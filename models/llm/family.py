@@ -25,6 +25,7 @@ from data.tokenizers import Tokenizer, build_tokenizer
 from engine.family import ModelFamily, TrainingParts
 from engine.flops import gpt_flops_per_token
 from engine.precision import PrecisionPlan
+from engine.schema import NEMO_GENERIC_ALIASES
 from engine.schedules import pipelined_forward
 from models.common.attention import announce_attention_backend
 from models.llm.config import (
@@ -321,20 +322,9 @@ def reference_model(model_cfg: LLMConfig) -> LLMModel:
 # NeMo's megatron_gpt_config.yaml places parallel, batch and optimizer keys under model.*, and calls
 # the sequence length encoder_seq_length: a NeMo user's keys work here, each use logged once.
 NEMO_ALIASES = {
-    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
-    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
-    "model.sequence_parallel": "parallel.sequence_parallel",
-    "model.micro_batch_size": "trainer.micro_batch_size",
-    "model.global_batch_size": "trainer.global_batch_size",
+    **NEMO_GENERIC_ALIASES,
     "model.encoder_seq_length": "model.seq_length",
     "model.data.eod_mask_loss": "data.eod_mask_loss",
-    "model.optim.name": "optim.name",
-    "model.optim.lr": "optim.lr",
-    "model.optim.weight_decay": "optim.weight_decay",
-    "model.optim.betas": "optim.betas",
-    "model.optim.eps": "optim.eps",
-    "model.optim.sched.warmup_steps": "optim.sched.warmup_steps",
-    "model.optim.sched.min_lr": "optim.sched.min_lr",
 }
 
 LLM = ModelFamily(
