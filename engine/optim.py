@@ -101,7 +101,7 @@ class ReplicatedAdamW:
         self.eight_bit = cfg.name == "adamw_8bit"
         self.param_groups = self.optimizer.param_groups
         self.lr_fns = [group.lr for group, _ in groups]  # beside torch's groups (their state_dict pickles)
-        self.averager = GradientAverager(self.params, dp_group)
+        self.averager = GradientAverager(self.params, dp_group, row_sparse=token_embedding_weights(model))
         self.max_grad_norm = max_grad_norm
         self.loss_scaler = loss_scaler or ConstantLossScaler()
 
@@ -215,6 +215,14 @@ def _warn_8bit_not_checkpointed() -> None:
         log.warning("optim.name=adamw_8bit: the 8-bit Adam moments are not saved in checkpoints; a resumed run "
                     "restarts them (weights, schedule, step and data position resume exactly)")
         _warned_8bit = True
+
+
+def token_embedding_weights(model: torch.nn.Module) -> list:
+    """The weights of the model's embedding tables (megatron's VocabParallelEmbedding, torch's
+    Embedding): a batch's gradient touches only the rows of the ids it holds."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    return [m.weight for m in model.modules() if isinstance(m, (VocabParallelEmbedding, torch.nn.Embedding))]
 
 
 def build_optimizer(model: torch.nn.Module, cfg, *, dp_group=None, model_parallel_group=None,
