@@ -58,6 +58,17 @@ def openclip_dims(config_path: str) -> dict:
                      "heads": t.num_attention_heads, "layers": t.num_layers}}
 
 
+def openclip_args(config_path: str) -> list[str]:
+    """open_clip_train flags for the config's training settings that open_clip does not share by default:
+    gradient clipping (open_clip clips only when asked; the engine's CLIP configs clip at 1.0), so both
+    sides do the same work per step."""
+    from engine.config import load_config
+    from models.clip.config import CLIPExperimentConfig as ExperimentConfig
+
+    clip = load_config(ExperimentConfig, config_path).trainer.gradient_clip_val
+    return ["--grad-clip-norm", str(clip)] if clip else []
+
+
 def median(values: list) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -94,6 +105,7 @@ def main() -> None:
             if not args.engines_only:
                 ref = run_openclip_trainer(shard_spec, args.steps, batch, preset="tiny",
                                            dims=openclip_dims(os.path.join(ROOT, MODELS[model]["config"])),
+                                           extra_args=openclip_args(os.path.join(ROOT, MODELS[model]["config"])),
                                            threads=2, warmup_steps=args.warmup)
                 key = (model, "open_clip_train (1 proc x 2 threads)", "-")
                 runs.setdefault(key, []).append({"step_time_s": ref["step_time_s"], "ratio": 1.0,

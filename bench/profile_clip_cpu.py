@@ -26,7 +26,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from clip_throughput import MODELS, SHARD_SET, engine_overrides, openclip_dims  # noqa: E402
+from clip_throughput import MODELS, SHARD_SET, engine_overrides, openclip_args, openclip_dims  # noqa: E402
 from engine_runner import run_engine  # noqa: E402
 from openclip_trainer import run_openclip_trainer  # noqa: E402
 
@@ -109,6 +109,7 @@ def main() -> None:
             raw = os.path.join(tmp, "open_clip.txt")
             res = run_openclip_trainer(shard_spec, args.steps, batch, warmup_steps=1, threads=2,
                                        dims=openclip_dims(os.path.join(ROOT, MODELS[args.model]["config"])),
+                                       extra_args=openclip_args(os.path.join(ROOT, MODELS[args.model]["config"])),
                                        prefix=py_spy(raw, args.rate))
             profiles["open_clip_train (1 proc x 2 threads)"] = {"step_time_s": res["step_time_s"],
                                                                 "processes": summarize(raw, "open_clip")}

@@ -213,7 +213,7 @@ def available_backends() -> tuple:
 # -- running -----------------------------------------------------------------------------------------
 
 def run_row(row: Row, shards_dir: str, workers: int, gpus: int, out_dir: str, timeout: float) -> dict:
-    from clip_throughput import openclip_dims
+    from clip_throughput import openclip_args, openclip_dims
     from engine_runner import run_engine, run_process_group
     from openclip_trainer import run_openclip_trainer
 
@@ -239,7 +239,8 @@ def run_row(row: Row, shards_dir: str, workers: int, gpus: int, out_dir: str, ti
                 "mfu_logged": res["mfu_logged"], "peak_memory_gib": res["peak_memory_gib"]}
     if row.kind == "open_clip":
         spec = os.path.join(shards_dir, "train-{000000..000007}.tar")
-        res = run_openclip_trainer(spec, row.steps, row.batch, dims=openclip_dims(os.path.join(ROOT, MODELS[row.model][0])),
+        config = os.path.join(ROOT, MODELS[row.model][0])
+        res = run_openclip_trainer(spec, row.steps, row.batch, dims=openclip_dims(config), extra_args=openclip_args(config),
                                    workers=workers, warmup_steps=row.warmup, precision="amp_bf16", device="cuda",
                                    python=sys.executable, timeout=timeout)
         return {"samples_per_s": res["samples_per_s"], "step_time_s": res["step_time_s"],
