@@ -1,7 +1,8 @@
 """Data-parallel gradient averaging in flat buckets (device-agnostic: gloo and NCCL alike).
 
 With more than one DP rank, every parameter's `.grad` is a view into one flat buffer per bucket
-(torch DDP's `gradient_as_bucket_view`): autograd accumulates straight into the buckets, so there is
+(torch DDP's `gradient_as_bucket_view`): a parameter's first gradient of the step is copied into its
+view as it arrives and later micro-batches accumulate straight into it, so there is no zeroing pass,
 no flatten/unflatten copy, and a bucket is all-reduced in place. During the last micro-batch's
 backward (`prepare_backward(last_micro_batch=True)`), a bucket is launched asynchronously as soon as
 all of its gradients have arrived, in bucket order on every rank, overlapping the reduction with the
@@ -56,6 +57,7 @@ class GradientAverager:
             for params_of_bucket in self._group(list(reversed(dense)), bucket_size_mb * 2**20):
                 self.buckets.append(_Bucket(params_of_bucket, params_of_bucket[0].device, params_of_bucket[0].dtype))
             self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+            self._view_of = {id(p): v for b in self.buckets for p, v in zip(b.params, b.views)}
             self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in dense]
             self._adopt_grads()
 
@@ -84,16 +86,10 @@ class GradientAverager:
                 p.grad = view
 
     def zero_grad(self) -> None:
-        """Zero the buckets and point every `.grad` at its view (one DP rank: drop the gradients)."""
-        if self.world == 1:
-            for p in self.params:
-                p.grad = None
-            return
-        for bucket in self.buckets:
-            bucket.buffer.zero_()
-            for p, view in zip(bucket.params, bucket.views):
-                p.grad = view
-        for p in self.row_sparse:
+        """Drop the gradients. A bucket is not zeroed: each parameter's first gradient of the step is
+        copied into its view (see `_on_grad_ready`), which saves a pass over every bucket against
+        zeroing it and accumulating into it (B/32: 600 MB written and read once less per step)."""
+        for p in self.params:
             p.grad = None
 
     def prepare_backward(self, last_micro_batch: bool) -> None:
@@ -104,6 +100,10 @@ class GradientAverager:
         self.launched_in_backward = 0
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        view = self._view_of[id(param)]
+        if param.grad.data_ptr() != view.data_ptr():  # the step's first gradient: into the bucket; later
+            view.copy_(param.grad)                      # micro-batches accumulate into the view in place
+            param.grad = view
         if not self._armed:
             return
         bucket = self._bucket_of[id(param)]
