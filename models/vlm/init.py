@@ -32,6 +32,45 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "normalization", "activation", "rotary_base", "layernorm_epsilon")
 
 
+# The CLIP `model.vision` keys that fix the tower's weights and what they compute; a checkpoint's must
+# equal the VLM's (feature_select_index and use_cls are the VLM's own choice).
+TOWER_KEYS = ("patch_dim", "img_h", "img_w", "num_channels", "class_token_length", "num_layers", "hidden_size",
+              "ffn_hidden_size", "num_attention_heads", "activation", "layernorm_epsilon")
+CLIP_DEMO = ("torchrun --nproc_per_node=2 examples/pretrain_clip.py --config configs/clip/tiny.yaml "
+             "tensor_model_parallel_size=2")
+
+
+def vision_checkpoint_problems(path: str, vision) -> list[str]:
+    """Why `model.init.vision=path` cannot give the tower `vision` (a VLMVisionConfig), read from the
+    checkpoint's meta.json only (no tensors), so preflight says it before any process group exists:
+    no such path (and what writes the demo's), no complete checkpoint, not a CLIP, another shape."""
+    import yaml
+
+    from engine.checkpoint import CheckpointError
+    from engine.checkpoint.manager import resolve_checkpoint
+    from engine.checkpoint.storage import META_FILE, read_json
+
+    key = f"model.init.vision={path}"
+    if not os.path.exists(path):
+        return [f"{key}: no such file or directory. It takes an engine CLIP checkpoint (or checkpoint root); the "
+                f"README CLIP demo writes runs/clip_tiny/checkpoints for configs/vlm/tiny_from_clip.yaml, run it "
+                f"first from the repository root: {CLIP_DEMO}"]
+    try:
+        meta = read_json(os.path.join(resolve_checkpoint(path), META_FILE), "checkpoint metadata")
+    except CheckpointError as exc:
+        return [f"{key}: {exc}"]
+    if meta.get("family") != "clip":
+        return [f"{key}: a {meta.get('family')!r} checkpoint, not a CLIP one (model.init.vision reads a CLIP's "
+                f"visual tower)"]
+    saved = (yaml.safe_load(meta.get("config_yaml") or "{}") or {}).get("model", {}).get("vision", {})
+    differ = [f"model.vision.{k}={getattr(vision, k)!r} here, {saved[k]!r} in the checkpoint" for k in TOWER_KEYS
+              if k in saved and saved[k] != getattr(vision, k)]
+    if differ:
+        return [f"{key}: the CLIP tower has another shape than model.vision (set model.vision to the CLIP's "
+                f"vision section): " + "; ".join(differ)]
+    return []
+
+
 def is_hf_directory(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 
