@@ -95,6 +95,15 @@ def render(shape: str, color: str, size: str, position: str, image_size: int, rn
     jitter = 0.04 * image_size
     cx = fx * image_size + rng.uniform(-jitter, jitter)
     cy = fy * image_size + rng.uniform(-jitter, jitter)
+    draw_shape(draw, shape, color, size, cx, cy, image_size, rng)
+    return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, size: str, cx: float, cy: float, image_size: int,
+               rng: random.Random) -> None:
+    """One shape centred at (cx, cy): radius and colour jittered from `rng`. The VQA set
+    (data/vlm_synthetic.py) draws its shapes with this too, so a CLIP tower trained on these images
+    sees the same shapes there."""
     r = SIZES[size] * image_size * rng.uniform(0.9, 1.1) / 2
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
     if shape == "circle":
@@ -107,7 +116,6 @@ def render(shape: str, color: str, size: str, position: str, image_size: int, rn
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     else:
         draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
-    return img
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

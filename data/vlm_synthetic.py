@@ -2,7 +2,10 @@
 
 Each image holds one to three shapes of one colour and one kind; a single shape also has a size
 (small, large) and a position (left, right, top, bottom, center), several shapes are small and
-sit in distinct positions. Questions of five types have one-word answers:
+sit in distinct positions. Shapes, colours, sizes, positions and backgrounds are those of the CLIP
+set (drawn by data/synthetic.py's `draw_shape`), so a tower trained by the CLIP demo
+(configs/clip/tiny.yaml, 64x64) reads these images at `image_size=64`; they differ from its images
+in holding up to three shapes, a position jitter of 3% (not 4%) of the side, and no JPEG round trip. Questions of five types have one-word answers:
 
     colour   "what colour is the shape"          -> red | green | ...          (chance 1/6)
     shape    "what shape is it"                  -> circle | square | ...      (chance 1/6)
@@ -33,7 +36,7 @@ from data.synthetic import (
     POSITIONS,
     SHAPES,
     SIZES,
-    _shape_points,
+    draw_shape,
 )
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "size")
@@ -72,18 +75,7 @@ def render_scene(s: dict, image_size: int, rng: random.Random) -> Image.Image:
         fx, fy = POSITIONS[position]
         jitter = 0.03 * image_size
         cx, cy = fx * image_size + rng.uniform(-jitter, jitter), fy * image_size + rng.uniform(-jitter, jitter)
-        r = SIZES[s["size"]] * image_size * rng.uniform(0.9, 1.1) / 2
-        fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[s["color"]])
-        if s["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif s["shape"] == "square":
-            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
-        elif s["shape"] == "cross":
-            w = r * 0.35
-            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-        else:
-            draw.polygon(_shape_points(s["shape"], cx, cy, r), fill=fill)
+        draw_shape(draw, s["shape"], s["color"], s["size"], cx, cy, image_size, rng)
     return img
 
 

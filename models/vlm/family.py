@@ -215,10 +215,12 @@ def preflight(cfg) -> list[str]:
             problems.append(f"data.tokenizer.path={data.tokenizer.path}: no such file or directory")
     if cfg.model.lora.enabled and not cfg.model.freeze.llm:
         log.info("model.lora.enabled: the LLM's base weights are frozen, its adapters train")
-    for key in ("vision", "llm"):
-        path = getattr(cfg.model.init, key)
-        if path and not os.path.exists(path):
-            problems.append(f"model.init.{key}={path}: no such file or directory")
+    if cfg.model.init.vision:
+        from models.vlm.init import vision_checkpoint_problems
+
+        problems += vision_checkpoint_problems(cfg.model.init.vision, cfg.model.vision)
+    if cfg.model.init.llm and not os.path.exists(cfg.model.init.llm):
+        problems.append(f"model.init.llm={cfg.model.init.llm}: no such file or directory")
     return problems
 
 

@@ -2,6 +2,7 @@
 device (parameter counts from the published shapes), freezing per stage (trainable counts; frozen
 parameters get no optimizer state), layout and preflight problems that name their key."""
 import glob
+import os
 
 import pytest
 import torch
@@ -113,3 +114,45 @@ def test_configs_are_in_sync_with_the_schema(path):
     with open(path) as fh:
         body = [line for line in fh.read().splitlines() if not line.startswith("#")]
     assert "\n".join(body).strip() == to_yaml(cfg).strip()
+
+
+def _tiny_clip_checkpoint(out_dir, vision_cfg):
+    """A model-only CLIP checkpoint whose tower has the shape of `vision_cfg` (a VLMVisionConfig)."""
+    from engine.checkpoint.tools import write_model_checkpoint
+    from models.clip.config import CLIPConfig, CLIPExperimentConfig, TextConfig, VisionConfig
+    from models.clip.model import CLIPModel
+
+    v = vision_cfg
+    vision = VisionConfig(patch_dim=v.patch_dim, img_h=v.img_h, img_w=v.img_w, num_layers=v.num_layers,
+                          hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+                          num_attention_heads=v.num_attention_heads, output_dim=16)
+    text = TextConfig(vocab_size=100, encoder_seq_length=8, num_layers=1, hidden_size=32, ffn_hidden_size=64,
+                      num_attention_heads=4, output_dim=16, make_vocab_size_divisible_by=16)
+    clip = CLIPModel(CLIPConfig(output_dim=16, vision=vision, text=text))
+    return write_model_checkpoint(out_dir, CLIPExperimentConfig(model=clip.cfg), clip.state_dict())
+
+
+def test_preflight_reads_the_clip_checkpoint_of_model_init_vision(single_rank, tmp_path, monkeypatch):
+    """model.init.vision is checked from the checkpoint's meta.json before launch: a missing path
+    (a clean clone before the CLIP demo ran) says what to run; an incomplete checkpoint, a non-CLIP
+    one and a tower of another shape are named, key by key."""
+    family = get_family("vlm")
+    tiny = _cfg("configs/vlm/tiny.yaml")
+    clip = _tiny_clip_checkpoint(str(tmp_path / "clip"), tiny.model.vision)
+
+    def problems(config, *overrides):
+        return "\n".join(p for p in family.preflight(_cfg(config, *overrides)) if "model.init.vision" in p)
+
+    assert problems("configs/vlm/tiny.yaml", f"model.init.vision={clip}") == ""
+    text = problems("configs/vlm/tiny_from_clip.yaml", f"model.init.vision={clip}")
+    assert "the CLIP tower has another shape than model.vision" in text
+    assert "model.vision.patch_dim=16 here, 8 in the checkpoint" in text
+    assert "model.vision.hidden_size=128 here, 64 in the checkpoint" in text
+    (tmp_path / "empty").mkdir()
+    assert "not a complete checkpoint" in problems("configs/vlm/tiny.yaml", f"model.init.vision={tmp_path}/empty")
+    # the shipped config in a checkout without the CLIP demo's run: says what to run first
+    config = os.path.abspath("configs/vlm/tiny_from_clip.yaml")
+    monkeypatch.chdir(tmp_path)
+    text = problems(config)
+    assert "model.init.vision=runs/clip_tiny/checkpoints: no such file or directory" in text
+    assert "examples/pretrain_clip.py --config configs/clip/tiny.yaml" in text
