@@ -156,6 +156,8 @@ def load_foreign_vision(path: str, model, place) -> None:
     """The tower from an open_clip or Hugging Face CLIP (see `import_foreign_clip`), cut to this TP rank."""
     from parallel.tp_sharding import shard_full_state_dict
 
+    if not model.pre_process:  # the tower lives on the first pipeline stage only
+        return
     clip_cfg, full = import_foreign_clip(path, model.cfg.vision)
     differ = tower_differences(clip_cfg.vision, model.cfg.vision)
     if differ:

@@ -135,3 +135,25 @@ def test_preflight_refuses_a_hugging_face_tower_of_another_shape(sources, tmp_pa
     text = "\n".join(vision_checkpoint_problems(directory, _vlm_config("hf").vision))
     assert "the Hugging Face CLIP tower has another shape than model.vision" in text
     assert "model.vision.hidden_size=32 here, 48 in the checkpoint" in text
+
+
+def _features_pp(paths: dict) -> dict:
+    from engine.checkpoint.state import Placement
+    from models.vlm.init import load_vision
+    from models.vlm.model import VLMModel
+    from parallel.context import initialize_parallel
+
+    ctx = initialize_parallel(1, 2, device="cpu", seed=0)
+    model = VLMModel(_vlm_config("open_clip"), use_cpu_initialization=True)
+    load_vision(paths["open_clip_file"], model, Placement.from_ctx(ctx))  # the last stage holds no tower
+    if not model.pre_process:
+        return {"stage": ctx.pp_rank, "has_tower": hasattr(model, "vision")}
+    with torch.no_grad():
+        return {"stage": ctx.pp_rank, "has_tower": True, "features": model.image_features(_images())}
+
+
+def test_tower_loads_on_the_first_pipeline_stage_only(sources):
+    paths, want = sources
+    first, last = run_ranks(2, _features_pp, paths)
+    assert (first["stage"], last["stage"], last["has_tower"]) == (0, 1, False)
+    torch.testing.assert_close(first["features"], want["open_clip_file"], atol=TOL, rtol=TOL)
