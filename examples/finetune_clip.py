@@ -93,7 +93,7 @@ def export_merged(checkpoint: str, out: str) -> str:
 def zero_shot(argv: list[str]) -> dict:
     """The zero_shot scenario: evaluate checkpoint.init_from with this config's data and layout."""
     from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.tools import _config_from_yaml, checkpoint_family
+    from engine.checkpoint.tools import checkpoint_family, config_from_yaml
     from engine.config import ConfigError
     from engine.run import load_experiment
     from models.clip.evaluate import EvalOptions, Weights, evaluate
@@ -103,7 +103,7 @@ def zero_shot(argv: list[str]) -> dict:
         raise ConfigError("model.finetune.scenario=zero_shot evaluates checkpoint.init_from: name the pre-trained "
                           "checkpoint")
     reader = CheckpointReader(cfg.checkpoint.init_from, verify=False)
-    cfg.model = _config_from_yaml(reader.meta["config_yaml"], checkpoint_family(reader.meta)).model
+    cfg.model = config_from_yaml(reader.meta["config_yaml"], checkpoint_family(reader.meta)).model
     out = cfg.trainer.output_dir
     metrics = evaluate(cfg, Weights("engine", path=reader.path, label=f"zero_shot {reader.path}"),
                        EvalOptions(out_json=os.path.join(out, "eval_metrics.json"), extra={"scenario": "zero_shot"}))

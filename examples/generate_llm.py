@@ -46,20 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_config(path: str):
-    """(resolved checkpoint path, its LLMExperimentConfig); refuses another family's checkpoint."""
-    from engine.checkpoint.manager import resolve_checkpoint
-    from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.tools import _config_from_yaml
-    from engine.family import get_family
-
-    path = resolve_checkpoint(path)
-    meta = CheckpointReader(path).meta
-    if meta.get("family", "clip") != "llm":
-        raise UsageError(f"{path} is a {meta.get('family', 'clip')!r} checkpoint, not an LLM's")
-    return path, _config_from_yaml(meta["config_yaml"], get_family("llm"))
-
-
 def _tokenizer(cfg, override: str | None):
     from models.llm.family import load_tokenizer
 
@@ -89,7 +75,9 @@ def generate_from_checkpoint(args) -> list[dict]:
 
     if args.pipeline_model_parallel_size != 1:
         raise UsageError(PIPELINE_REFUSED)
-    path, cfg = _checkpoint_config(args.checkpoint)
+    from engine.checkpoint.tools import saved_experiment
+
+    path, cfg = saved_experiment(args.checkpoint, "llm")
     world = read_launch_env().world_size
     tp = args.tensor_model_parallel_size or world
     if tp < 1 or world != tp:

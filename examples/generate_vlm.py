@@ -46,19 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_config(path: str):
-    from engine.checkpoint.manager import resolve_checkpoint
-    from engine.checkpoint.reader import CheckpointReader
-    from engine.checkpoint.tools import _config_from_yaml
-    from engine.family import get_family
-
-    path = resolve_checkpoint(path)
-    meta = CheckpointReader(path).meta
-    if meta.get("family", "clip") != "vlm":
-        raise UsageError(f"{path} is a {meta.get('family', 'clip')!r} checkpoint, not a VLM's")
-    return path, _config_from_yaml(meta["config_yaml"], get_family("vlm"))
-
-
 def _prompts(args, cfg) -> list[dict]:
     from PIL import Image
 
@@ -99,7 +86,9 @@ def generate_from_checkpoint(args) -> list[dict]:
     from parallel.context import destroy_parallel, initialize_parallel
     from parallel.launch import read_launch_env
 
-    path, cfg = _checkpoint_config(args.checkpoint)
+    from engine.checkpoint.tools import saved_experiment
+
+    path, cfg = saved_experiment(args.checkpoint, "vlm")
     world = read_launch_env().world_size
     tp = args.tensor_model_parallel_size or world
     if world != tp:

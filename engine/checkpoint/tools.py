@@ -95,13 +95,25 @@ def _resize(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)
 
 
-def _config_from_yaml(text: str, family):
+def config_from_yaml(text: str, family):
+    """A checkpoint's saved config (meta.json's `config_yaml`) typed by `family`'s schema."""
     from omegaconf import OmegaConf
 
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.config_cls), OmegaConf.create(text)))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"the checkpoint's config does not fit this engine's schema: {exc}") from exc
+
+
+def saved_experiment(path: str, family: str | None = None, verify: bool = True):
+    """(resolved checkpoint directory, the experiment config it was written with) of a checkpoint or
+    checkpoint root. `family`: the family it must come from (a CheckpointError naming both if not).
+    `verify`: check the files' sizes and checksums first (CheckpointReader)."""
+    reader = CheckpointReader(path, verify=verify)
+    written_by = checkpoint_family(reader.meta)
+    if family is not None and written_by.name != family:
+        raise CheckpointError(f"{reader.path} is a {written_by.name!r} checkpoint, not a {family!r} one")
+    return reader.path, config_from_yaml(reader.meta["config_yaml"], written_by)
 
 
 def _new_output(out_dir: str) -> str:
@@ -191,7 +203,7 @@ def read_model_checkpoint(path: str) -> tuple:
     the TP=1/PP=1 model's state dict (vocab padding as at TP=1, megatron's `_extra_state` keys as None)."""
     reader = CheckpointReader(path)
     family = checkpoint_family(reader.meta)
-    cfg = _config_from_yaml(reader.meta["config_yaml"], family)
+    cfg = config_from_yaml(reader.meta["config_yaml"], family)
     full = {}
     for key in reader.keys(MODEL):
         name, info = key[len(MODEL):], reader.tensors[key]
@@ -296,7 +308,7 @@ def reshard_checkpoint(src: str, dst: str, tensor_model_parallel_size: int, pipe
     reader = CheckpointReader(src)
     meta = dict(reader.meta)
     family = checkpoint_family(meta)
-    cfg = _config_from_yaml(meta["config_yaml"], family)
+    cfg = config_from_yaml(meta["config_yaml"], family)
     problems = family.check_layout(cfg, tp, pp)
     if problems:
         raise ValueError(f"cannot reshard to TP={tp} PP={pp}: " + "; ".join(problems))

@@ -47,7 +47,7 @@ def read_teacher_source(cfg: DistillConfig) -> TeacherSource:
     if kind == "engine":
         from engine.checkpoint.reader import CheckpointReader
         from engine.checkpoint.storage import CheckpointError
-        from engine.checkpoint.tools import _config_from_yaml, checkpoint_family
+        from engine.checkpoint.tools import checkpoint_family, config_from_yaml
 
         try:
             reader = CheckpointReader(cfg.teacher, verify=False)
@@ -56,7 +56,7 @@ def read_teacher_source(cfg: DistillConfig) -> TeacherSource:
         family = checkpoint_family(reader.meta)
         if family.name != "clip":
             raise ConfigError(f"model.distill.teacher={cfg.teacher} is a {family.name} checkpoint, not a CLIP one")
-        exp = _config_from_yaml(reader.meta["config_yaml"], family)
+        exp = config_from_yaml(reader.meta["config_yaml"], family)
         tok = exp.data.tokenizer
         return TeacherSource(kind, reader.path, exp.model, tokenizer=tok,
                              tokenizer_file=tok.path or _trained_tokenizer(exp.trainer.output_dir, tok.vocab_size))

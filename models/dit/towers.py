@@ -171,14 +171,14 @@ def load_tower(spec: TowerSpec, device, with_text: bool = False) -> LoadedTower:
         from engine.checkpoint.manager import resolve_checkpoint
         from engine.checkpoint.reader import CheckpointReader
         from engine.checkpoint.state import Placement
-        from engine.checkpoint.tools import _config_from_yaml, checkpoint_family
+        from engine.checkpoint.tools import checkpoint_family, config_from_yaml
 
         path = resolve_checkpoint(spec.path)
         reader = CheckpointReader(path)
         family = checkpoint_family(reader.meta)
         if family.name != "clip":
             raise ValueError(f"{spec.source}: a {family.name} checkpoint; a vision tower comes from a CLIP checkpoint")
-        exp = _config_from_yaml(reader.meta["config_yaml"], family)
+        exp = config_from_yaml(reader.meta["config_yaml"], family)
         tokenizer = _tokenizer(spec.tokenizer, exp, path) if with_text else None
         model = _build(exp.model, with_text and tokenizer is not None, device)
         place = Placement(parallel_state.get_tensor_model_parallel_rank(),

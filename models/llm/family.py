@@ -207,14 +207,14 @@ def warn_model_differs_from_init(cfg) -> None:
     from engine.checkpoint.manager import resolve_checkpoint
     from engine.checkpoint.reader import CheckpointReader
     from engine.checkpoint.storage import CheckpointError
-    from engine.checkpoint.tools import _config_from_yaml
+    from engine.checkpoint.tools import config_from_yaml
     from engine.config import _flatten
 
     try:
         meta = CheckpointReader(resolve_checkpoint(cfg.checkpoint.init_from)).meta
         if meta.get("family") != "llm":
             return  # loading will name the mismatch
-        saved = _flatten(asdict(_config_from_yaml(meta["config_yaml"], LLM).model))
+        saved = _flatten(asdict(config_from_yaml(meta["config_yaml"], LLM).model))
     except (CheckpointError, OSError, KeyError):
         return  # loading will name what is wrong with the checkpoint
     ours = _flatten(asdict(cfg.model))

@@ -154,3 +154,14 @@ def test_load_into_a_model_names_what_does_not_fit(model_and_cfg, written):
     with pytest.raises(CheckpointError, match=r"linear_fc1.weight: shape \(128, 64\) in the checkpoint, \(256, 64\)"):
         load_into(written, Placement(), CLIPModel(wider))
     CheckpointReader(written)  # the checkpoint itself is untouched
+
+
+def test_saved_experiment_types_the_config_and_names_another_family(model_and_cfg, written):
+    from engine.checkpoint.tools import saved_experiment
+
+    _, cfg = model_and_cfg
+    path, saved = saved_experiment(written, "clip")
+    assert path == CheckpointReader(written).path
+    assert isinstance(saved, ExperimentConfig) and saved.model.text.vocab_size == 300
+    with pytest.raises(CheckpointError, match=r"is a 'clip' checkpoint, not a 'llm' one"):
+        saved_experiment(written, "llm")
