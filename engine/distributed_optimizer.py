@@ -31,8 +31,6 @@ from engine.loss_scaler import ConstantLossScaler
 from parallel.collectives import all_gather_into, reduce_scatter_into
 from parallel.sequence_parallel import allreduce_over_tp, is_sequence_parallel
 
-ADAM_SLICE = 1 << 22  # elements updated at a time (bounds the temporary to 16 MB in fp32)
-
 
 @dataclass
 class StepResult:
@@ -158,26 +156,6 @@ class FlatAdamW:
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         # Unsharded, the shard is the whole buffer in the same order: work on it in place.
         self._grad_shard = torch.zeros_like(self.exp_avg) if self.sharded else self.grad_buffer
-        self._runs = self._lr_runs()
-
-    def _lr_runs(self) -> list:
-        """[(bucket index, lo, hi, group index | None)] covering every master chunk: stretches whose
-        elements share one lr. Parameters of groups that follow the schedule (and bucket padding)
-        share the schedule's lr (None), so there are only a few runs, however many parameters."""
-        runs = []
-        for index, bucket in enumerate(self.buckets):
-            size = self.master_chunks[index].numel()
-            own = sorted((seg.start - bucket.shard_offset, seg.end - bucket.shard_offset, seg.group)
-                         for seg in self.segments if seg.bucket is bucket and self.lr_fns[seg.group] is not None)
-            at = 0
-            for lo, hi, group in own:
-                if lo > at:
-                    runs.append((index, at, lo, None))
-                runs.append((index, lo, hi, group))
-                at = hi
-            if at < size:
-                runs.append((index, at, size, None))
-        return runs
 
     def set_lr(self, step: int, lr: float) -> None:
         """The schedule's `lr` for optimizer step `step`; groups with their own lr rule apply it."""
@@ -280,28 +258,27 @@ class FlatAdamW:
         return sq.sqrt().item()
 
     def _adam(self, grad: torch.Tensor) -> None:
+        """AdamW on this rank's shard with torch's fused kernel (CPU and CUDA), one call per
+        parameter group over its parameters' slices: each element is read and written once, where
+        the same update in tensor ops made about seven passes (B/32 at DP=2 on CPU: 2 s a step).
+        Bucket padding is left alone (zero gradient, zero moments: Adam would not move it)."""
         self.step_count += 1
-        scheduled = self.scheduled_lr
         beta1, beta2 = self.betas
-        bias1 = 1 - beta1 ** self.step_count
-        bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
-        if self.weight_decay:  # decoupled (AdamW), only on the parameters that decay
-            for seg in self.segments:
-                group = self.param_groups[seg.group]
-                if group["weight_decay"]:
-                    self._master_slice(seg.bucket, seg.start, seg.end).mul_(1 - group["lr"] * self.weight_decay)
-        # In slices, so the one temporary (the denominator) stays small next to the state.
-        for index, run_lo, run_hi, group in self._runs:
-            bucket, master = self.buckets[index], self.master_chunks[index]
-            lr = scheduled if group is None else self.param_groups[group]["lr"]
-            for lo in range(run_lo, run_hi, ADAM_SLICE):
-                hi = min(lo + ADAM_SLICE, run_hi)
-                at = slice(bucket.shard_offset + lo, bucket.shard_offset + hi)
-                g, m, v = grad[at], self.exp_avg[at], self.exp_avg_sq[at]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
-                master[lo:hi].addcdiv_(m, denom, value=-lr / bias1)
+        members: dict[int, list] = {}
+        for seg in self.segments:
+            members.setdefault(seg.group, []).append(seg)
+        for index, segs in members.items():
+            group = self.param_groups[index]
+            step = torch.tensor(float(self.step_count), dtype=torch.float32, device=grad.device)
+            torch._fused_adamw_(
+                [self._master_slice(seg.bucket, seg.start, seg.end) for seg in segs],
+                [grad[seg.start:seg.end] for seg in segs],
+                [self.exp_avg[seg.start:seg.end] for seg in segs],
+                [self.exp_avg_sq[seg.start:seg.end] for seg in segs],
+                [], [step] * len(segs),  # no amsgrad state; the kernel reads the step, never writes it
+                lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=self.weight_decay if group["weight_decay"] else 0.0,  # decoupled, as AdamW
+                eps=self.eps, amsgrad=False, maximize=False)
 
     def _master_slice(self, bucket: _Bucket, start: int, end: int) -> torch.Tensor:
         """Master weights for shard positions [start, end) that lie in `bucket`."""
