@@ -26,6 +26,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from report import write_report  # noqa: E402
 
 
 def _worker(args) -> None:
@@ -157,16 +160,11 @@ def main() -> None:
              "", "| operation | training blocked (s) | until committed / loaded (s) | MiB/s |", "|---|---|---|---|"]
     for label, blocked, total in rows:
         lines.append(f"| {label} | {blocked:.2f} | {total:.2f} | {mb / total:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results + ".md", "w") as fh:
-        fh.write(table + "\n")
-    with open(args.results + ".json", "w") as fh:
-        json.dump({"config": args.config, "tp": args.tp, "optim": args.optim, "device": args.device, "mib": mb,
-                   "save": saved, "reshard": loaded,
-                   "rows": [{"operation": label, "blocked_s": b, "total_s": t, "gb_per_s": saved["bytes"] / 1e9 / t}
-                            for label, b, t in rows]}, fh, indent=1)
+    write_report(args.results, "\n".join(lines), {
+        "config": args.config, "tp": args.tp, "optim": args.optim, "device": args.device, "mib": mb,
+        "save": saved, "reshard": loaded,
+        "rows": [{"operation": label, "blocked_s": b, "total_s": t, "gb_per_s": saved["bytes"] / 1e9 / t}
+                 for label, b, t in rows]})
 
 
 def _device_label(device: str) -> str:

@@ -12,7 +12,6 @@ bench/results/clip_model_step_cpu.md (+ .json). Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 from clip_throughput import MODELS, openclip_dims  # noqa: E402
+from report import write_report  # noqa: E402
 
 # Per process: the engine at DP=2 gives each rank half the global batch (tiny 64, B/32 8).
 BATCH = {"tiny": 64, "b32": 8}
@@ -127,13 +127,7 @@ def main() -> None:
         ref = next(x for x in rows if x["model"] == r["model"] and x["system"] == "open_clip CLIP")
         lines.append(f"| {r['model']} | {r['system']} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
                      f"{r['matmul_s']:.3f} | {ref['median_s'] / r['median_s']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(table + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump({"header": header, "rows": rows}, fh, indent=1)
+    write_report(args.out, "\n".join(lines), {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

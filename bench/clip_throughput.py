@@ -12,7 +12,6 @@ Prints a table and writes it to bench/results/clip_throughput_cpu.md (+ .json). 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 from engine_runner import run_engine  # noqa: E402
 from openclip_trainer import run_openclip_trainer  # noqa: E402
+from report import write_report  # noqa: E402
 
 # Model presets: our config file + the global batch used for both sides.
 MODELS = {
@@ -145,13 +145,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['system']} | {r['layout']} | {r['batch']} | {r['step_time_s']:.3f} | "
                      f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['samples_per_s']:.1f} | {r['ratio']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(table + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump({"header": header, "rows": rows}, fh, indent=1)
+    write_report(args.out, "\n".join(lines), {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

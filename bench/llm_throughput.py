@@ -35,6 +35,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from report import write_report  # noqa: E402
 
 CORPUS = ["data.synthetic.num_words=32", "data.synthetic.branching=4", "data.synthetic.num_train=2000",
           "data.synthetic.num_eval=0", "data.synthetic.docs_per_shard=500"]
@@ -163,13 +166,8 @@ def main() -> None:
               + ", ".join(f"{r['model']} {r['timed_steps']} timed steps" for r in rows[::2])
               + f" after warm-up, {started}. Peak {args.peak_gflops:.1f} GFLOP/s. FLOPs per sequence "
               "6*N*S + 12*L*d_attn*S^2 (engine/flops.py).")
-    text = table(rows, args.peak_gflops * 1e9, header)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(text + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump({"rows": rows, "peak_gflops": args.peak_gflops, "started": started}, fh, indent=1)
+    write_report(args.out, table(rows, args.peak_gflops * 1e9, header),
+                 {"rows": rows, "peak_gflops": args.peak_gflops, "started": started})
 
 
 if __name__ == "__main__":

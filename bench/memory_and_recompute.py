@@ -10,7 +10,6 @@ the Python/torch libraries or the data pipeline). Not a test; writes bench/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from engine_runner import run_engine  # noqa: E402
+from report import write_report  # noqa: E402
 
 MODELS = {"tiny": ("configs/clip/tiny.yaml", 128), "b32": ("configs/clip/b32.yaml", 16)}
 VARIANTS = {
@@ -73,13 +73,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['variant']} | {r['step_time_s']:.3f} | {r['measured_mib']:.0f} | "
                      f"{r['predicted_mib']:.0f} | {r['predicted_activation_mib']:.0f} | {r['predicted_optimizer_mib']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results/memory_cpu.md"), "w") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(HERE, "results/memory_cpu.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    write_report(os.path.join(HERE, "results/memory_cpu"), "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

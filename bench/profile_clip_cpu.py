@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import platform
 import shutil
@@ -29,6 +28,7 @@ sys.path.insert(0, ROOT)
 from clip_throughput import MODELS, SHARD_SET, engine_overrides, openclip_args, openclip_dims  # noqa: E402
 from engine_runner import run_engine  # noqa: E402
 from openclip_trainer import run_openclip_trainer  # noqa: E402
+from report import write_report  # noqa: E402
 
 # (category, substrings of a frame): the deepest frame of a sample that matches decides.
 CATEGORIES = [
@@ -139,13 +139,7 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| step time (s, with py-spy attached) | " +
                  " | ".join(f"{profiles[s]['step_time_s']:.2f}" for s in systems) + " |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(table + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump({"header": header, "profiles": profiles}, fh, indent=1)
+    write_report(args.out, "\n".join(lines), {"header": header, "profiles": profiles})
 
 
 if __name__ == "__main__":
