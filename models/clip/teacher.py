@@ -45,20 +45,15 @@ def read_teacher_source(cfg: DistillConfig) -> TeacherSource:
         raise ConfigError("model.distill.mode / init_from_teacher need model.distill.teacher (the reference model)")
     kind = cfg.teacher_format
     if kind == "engine":
-        from engine.checkpoint.reader import CheckpointReader
         from engine.checkpoint.storage import CheckpointError
-        from engine.checkpoint.tools import checkpoint_family, config_from_yaml
+        from engine.checkpoint.tools import saved_experiment
 
-        try:
-            reader = CheckpointReader(cfg.teacher, verify=False)
+        try:  # a CLIP checkpoint's, whose config must fit this engine's schema
+            path, exp = saved_experiment(cfg.teacher, "clip", verify=False)
         except CheckpointError as exc:
             raise ConfigError(f"model.distill.teacher={cfg.teacher}: {exc}") from exc
-        family = checkpoint_family(reader.meta)
-        if family.name != "clip":
-            raise ConfigError(f"model.distill.teacher={cfg.teacher} is a {family.name} checkpoint, not a CLIP one")
-        exp = config_from_yaml(reader.meta["config_yaml"], family)
         tok = exp.data.tokenizer
-        return TeacherSource(kind, reader.path, exp.model, tokenizer=tok,
+        return TeacherSource(kind, path, exp.model, tokenizer=tok,
                              tokenizer_file=tok.path or _trained_tokenizer(exp.trainer.output_dir, tok.vocab_size))
     if kind == "open_clip":
         from conversion.openclip_format import (

@@ -49,11 +49,9 @@ def vision_checkpoint_problems(path: str, vision) -> list[str]:
     """Why `model.init.vision=path` cannot give the tower `vision` (a VLMVisionConfig), read from the
     checkpoint's meta.json only (no tensors), so preflight says it before any process group exists:
     no such path (and what writes the demo's), no complete checkpoint, not a CLIP, another shape."""
-    import yaml
-
     from engine.checkpoint import CheckpointError
-    from engine.checkpoint.manager import resolve_checkpoint
-    from engine.checkpoint.storage import META_FILE, read_json
+    from engine.checkpoint.storage import read_json
+    from engine.checkpoint.tools import saved_experiment
 
     key = f"model.init.vision={path}"
     if not os.path.exists(path):
@@ -75,15 +73,11 @@ def vision_checkpoint_problems(path: str, vision) -> list[str]:
             if differ else []
     if kind == "open_clip":
         return []  # its shape (from a config or the weights) is checked when it loads
-    try:
-        meta = read_json(os.path.join(resolve_checkpoint(path), META_FILE), "checkpoint metadata")
+    try:  # model.init.vision reads a CLIP's visual tower
+        _, saved = saved_experiment(path, "clip", verify=False)
     except CheckpointError as exc:
         return [f"{key}: {exc}"]
-    if meta.get("family") != "clip":
-        return [f"{key}: a {meta.get('family')!r} checkpoint, not a CLIP one (model.init.vision reads a CLIP's "
-                f"visual tower)"]
-    saved = (yaml.safe_load(meta.get("config_yaml") or "{}") or {}).get("model", {}).get("vision", {})
-    differ = tower_differences(saved, vision)
+    differ = tower_differences(saved.model.vision, vision)
     if differ:
         return [f"{key}: the CLIP tower has another shape than model.vision (set model.vision to the CLIP's "
                 f"vision section): " + "; ".join(differ)]
@@ -146,10 +140,9 @@ def import_foreign_clip(path: str, vision) -> tuple:
 
 
 def tower_differences(theirs, vision) -> list[str]:
-    """model.vision keys whose value differs from a CLIP `VisionConfig` (or its dict)."""
-    get = theirs.get if isinstance(theirs, dict) else (lambda k, d=None: getattr(theirs, k, d))
-    return [f"model.vision.{k}={getattr(vision, k)!r} here, {get(k)!r} in the checkpoint" for k in TOWER_KEYS
-            if get(k) is not None and get(k) != getattr(vision, k)]
+    """model.vision keys whose value differs from a CLIP `VisionConfig`'s."""
+    return [f"model.vision.{k}={getattr(vision, k)!r} here, {getattr(theirs, k)!r} in the checkpoint"
+            for k in TOWER_KEYS if getattr(theirs, k, None) is not None and getattr(theirs, k) != getattr(vision, k)]
 
 
 def load_foreign_vision(path: str, model, place) -> None:
