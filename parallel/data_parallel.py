@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import all_gather_into
+
 
 class _Bucket:
     def __init__(self, params: list, device, dtype):
@@ -153,9 +155,9 @@ class GradientAverager:
             return grad.shape[0]
         padded = torch.full((int(counts.max()),), -1, dtype=torch.long, device=grad.device)
         padded[:local.numel()] = local
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded, group=self.group)
-        rows = torch.cat(gathered).unique()
+        gathered = padded.new_empty(self.world * padded.numel())
+        all_gather_into(gathered, padded, self.group)
+        rows = gathered.unique()
         rows = rows[rows >= 0]
         values = grad.index_select(0, rows).div_(self.world)  # divide first, as the buckets do
         dist.all_reduce(values, group=self.group)
