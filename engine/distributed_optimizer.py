@@ -154,6 +154,9 @@ class FlatAdamW:
             self.master_chunks = own_chunks
         self.exp_avg = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self._segments_of_group: dict[int, list] = {}  # the fused update's calls: one per parameter group
+        for seg in self.segments:
+            self._segments_of_group.setdefault(seg.group, []).append(seg)
         # Unsharded, the shard is the whole buffer in the same order: work on it in place.
         self._grad_shard = torch.zeros_like(self.exp_avg) if self.sharded else self.grad_buffer
 
@@ -264,12 +267,9 @@ class FlatAdamW:
         Bucket padding is left alone (zero gradient, zero moments: Adam would not move it)."""
         self.step_count += 1
         beta1, beta2 = self.betas
-        members: dict[int, list] = {}
-        for seg in self.segments:
-            members.setdefault(seg.group, []).append(seg)
-        for index, segs in members.items():
+        step = torch.tensor(float(self.step_count), dtype=torch.float32, device=grad.device)
+        for index, segs in self._segments_of_group.items():
             group = self.param_groups[index]
-            step = torch.tensor(float(self.step_count), dtype=torch.float32, device=grad.device)
             torch._fused_adamw_(
                 [self._master_slice(seg.bucket, seg.start, seg.end) for seg in segs],
                 [grad[seg.start:seg.end] for seg in segs],
