@@ -2,8 +2,9 @@
 plain backward + an all-reduce per parameter on the same weights and data (2 gloo ranks, fp32).
 
 Tolerance 1e-6 relative and absolute: the averager divides before summing, the reference after.
-Row-sparse parameters (the token embedding) are checked against a dense all-reduce of the same
-divided gradient: exactly equal (the same additions, the other rows being zero everywhere).
+With shared memory (every rank on this host) the buckets are averaged in one segment after backward:
+the same comparisons. Row-sparse parameters (the token embedding) are checked
+against a dense all-reduce of the same divided gradient: exactly equal (the same additions, the other rows being zero everywhere).
 """
 import torch
 
@@ -14,7 +15,7 @@ TOL = 1e-6
 MICRO_BATCHES = 2
 
 
-def _run(overlap: bool, row_sparse: bool = False):
+def _run(overlap: bool, row_sparse: bool = False, shared_memory: bool = False):
     import torch.distributed as dist
 
     from models.clip.loss import ContrastiveLoss
@@ -30,7 +31,7 @@ def _run(overlap: bool, row_sparse: bool = False):
     # 64 KiB buckets: many buckets, so most are launched while backward still runs
     sparse = [model.text.token_embedding.weight] if row_sparse else []
     averager = GradientAverager(model.parameters(), ctx.dp_group, bucket_size_mb=1 / 16, overlap=overlap,
-                                row_sparse=sparse)
+                                row_sparse=sparse, shared_memory=shared_memory)
     loss_fn = ContrastiveLoss(group=ctx.dp_group)
     out = {"launched_in_backward": [], "grads_are_views": []}
     for step in range(2):  # the second step checks zero_grad keeps the views and resets the sums
@@ -52,6 +53,7 @@ def _run(overlap: bool, row_sparse: bool = False):
         out[f"grads{step}"] = [p.grad.clone() for p in model.parameters()]
         out[f"reference{step}"] = [p.grad.clone() for p in reference.parameters()]
     out["buckets"] = len(averager.buckets)
+    out["segments"] = len(averager.segments)
     out["vocab_rows"] = model.text.token_embedding.weight.shape[0]
     return out
 
@@ -99,7 +101,7 @@ def _row_sparse_cases(case: str):
     ctx = initialize_parallel(1, 1, device="cpu", seed=5)
     torch.manual_seed(5)
     table = torch.nn.Embedding(64, 8)
-    averager = GradientAverager(table.parameters(), ctx.dp_group, row_sparse=[table.weight])
+    averager = GradientAverager(table.parameters(), ctx.dp_group, row_sparse=[table.weight], shared_memory=False)
     rank = ctx.dp_rank
     averager.zero_grad()
     averager.prepare_backward(last_micro_batch=True)
@@ -131,3 +133,9 @@ def test_row_sparse_average_cases():
     unused = run_ranks(2, _row_sparse_cases, "unused")  # no gradient on rank 1 counts as zero
     for r in unused:
         assert torch.equal(r["got"], r["want"]) and r["rows"] == 3
+
+
+def test_shared_memory_average_matches_allreduce_per_parameter():
+    results = run_ranks(2, _run, True, True, True)  # 3 ranks: tests/distributed/test_host_allreduce.py
+    _check(results)
+    assert results[0]["segments"] == 1 and results[0]["launched_in_backward"] == [0, 0]
