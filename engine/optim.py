@@ -101,8 +101,7 @@ class ReplicatedAdamW:
         self.eight_bit = cfg.name == "adamw_8bit"
         self.param_groups = self.optimizer.param_groups
         self.lr_fns = [group.lr for group, _ in groups]  # beside torch's groups (their state_dict pickles)
-        self.averager = GradientAverager(self.params, dp_group, row_sparse=token_embedding_weights(model),
-                                         shared_memory=cfg.shared_memory_reduce)
+        self.averager = GradientAverager(self.params, dp_group, row_sparse=token_embedding_weights(model))
         self.max_grad_norm = max_grad_norm
         self.loss_scaler = loss_scaler or ConstantLossScaler()
 

@@ -124,7 +124,8 @@ def run(family: str | ModelFamily, argv: list[str]) -> dict:
     check_before_launch(cfg, family, launch_env.world_size, argv)  # before any collective can hang
     par = cfg.parallel
     ctx = initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.device,
-                              seed=cfg.trainer.seed, timeout_minutes=par.distributed_timeout_minutes)
+                              seed=cfg.trainer.seed, timeout_minutes=par.distributed_timeout_minutes,
+                              host_shared_memory=par.host_shared_memory)
     install_rank_filter(ctx.rank, replica_leader=ctx.tp_rank == 0 and ctx.pp_rank == 0)
     try:
         from engine.checkpoint.manager import checkpoint_root, take_directory_lock

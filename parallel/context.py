@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from parallel import host_allreduce
 from parallel.cpu_shims import apply_cpu_shims
 from parallel.dims import ParallelDims
 from parallel.launch import LaunchEnv, read_launch_env
@@ -85,12 +86,15 @@ def initialize_parallel(
     seed: int = 1234,
     timeout_minutes: float = 10.0,
     environ: dict | None = None,
+    host_shared_memory: bool = True,
 ) -> ParallelContext:
     """Validate the layout, then create process groups and seed every RNG.
 
     The layout check runs before `init_process_group`, so a bad layout fails at once on every rank
     instead of hanging in a collective. Every group (the world, megatron-core's, and the engine's
     through `parallel.timeouts.new_group`) waits at most `timeout_minutes` for a missing rank.
+    `host_shared_memory` (CPU only): ranks of one host reduce through /dev/shm where they can
+    (`parallel/host_allreduce.py`): the DP gradient average and megatron's TP all-reduces.
     """
     launch = read_launch_env(environ)
     # Megatron's TP layers overlap their gradient all-reduce with compute only when the GPU runs one
@@ -122,6 +126,9 @@ def initialize_parallel(
     changed = apply_to_every_group(timeout)
     if changed and launch.rank == 0:
         log.debug("process group timeouts set to %s: %s", timeout, ", ".join(changed))
+    host_allreduce.configure(host_shared_memory and dev.type == "cpu")
+    if dims.tp > 1:  # collective over each TP group; a no-op on GPU or when switched off
+        host_allreduce.register_reducer(parallel_state.get_tensor_model_parallel_group())
     seed_everything(seed)
     ctx = ParallelContext(dims=dims, launch=launch, device=dev, backend=backend, timeout_minutes=timeout_minutes)
     if launch.rank == 0:
@@ -132,5 +139,6 @@ def initialize_parallel(
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    host_allreduce.configure(True)  # drops the reducers of the groups destroyed here
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,8 @@ from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel import mappings as mcore_mappings
 from megatron.core.tensor_parallel import random as mcore_random
 
+from parallel import host_allreduce
+
 _applied = False
 
 
@@ -82,10 +84,23 @@ class _CudaOnCpu:
         return getattr(torch.cuda, name)
 
 
+class _DistributedOnCpu:
+    """`torch.distributed` as seen by a shimmed module: `all_reduce` goes through shared memory where
+    the group has a host reducer (megatron's TP all-reduces between ranks of one host,
+    parallel/host_allreduce.py), everything else is torch's."""
+
+    all_reduce = staticmethod(host_allreduce.all_reduce)
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
 class _TorchOnCpu:
-    """`torch` as seen by a shimmed megatron module: everything is torch's except `torch.cuda`."""
+    """`torch` as seen by a shimmed megatron module: everything is torch's except `torch.cuda` and
+    `torch.distributed.all_reduce`."""
 
     cuda = _CudaOnCpu()
+    distributed = _DistributedOnCpu()
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -94,7 +109,9 @@ class _TorchOnCpu:
 # Modules that place sequence-parallel buffers with `torch.cuda.current_device()`: the all-gather
 # buffer (`utils.GlobalMemoryBuffer.get_tensor`), the input all-gather in the backward of
 # `tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication`, and the gather /
-# reduce-scatter outputs in `tensor_parallel.mappings`. Only their own view of `torch` changes;
+# reduce-scatter outputs in `tensor_parallel.mappings`. The same two modules issue the TP
+# all-reduces (`mappings._reduce`, the layers' input-gradient all-reduce), which `torch.distributed`
+# as they see it routes through shared memory where it can. Only their own view of `torch` changes;
 # torch itself, and any code that really uses a GPU, are untouched.
 CUDA_PLACING_MODULES = (mcore_utils, mcore_layers, mcore_mappings)
 

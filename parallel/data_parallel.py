@@ -9,7 +9,7 @@ all of its gradients have arrived, in bucket order on every rank, overlapping th
 rest of backward; `average()` launches what is left and waits. Gradient accumulation costs no extra
 communication.
 
-On CPU under gloo with every DP rank on one host (`shared_memory=True`, `optim.shared_memory_reduce`),
+On CPU under gloo with every DP rank on one host (`parallel.host_shared_memory`, default true),
 the buckets are views into one shared-memory segment instead, averaged there after backward by
 parallel/host_allreduce.py: no reduction overlaps backward then, but with the compute threads
 already filling the cores an overlapped gloo all-reduce hid little of its 0.37 s for B/32, and the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel import host_allreduce
 from parallel.collectives import all_gather_into
 
 
@@ -48,12 +49,13 @@ class _Bucket:
 
 class GradientAverager:
     def __init__(self, params, group, bucket_size_mb: float = 25.0, overlap: bool = True, row_sparse=(),
-                 shared_memory: bool = True):
+                 shared_memory: bool | None = None):
         """`row_sparse`: 2-D parameters whose gradient is usually zero outside a few rows (token
         embeddings); reduced over the non-zero rows only (see the module's docstring).
         `shared_memory`: when the buckets are on CPU under gloo and every DP rank runs on this host,
-        the buckets live in a segment every rank maps and are summed there after backward
-        (parallel/host_allreduce.py) instead of all-reduced through gloo's TCP."""
+        the buckets live in a segment every rank maps and are averaged there after backward
+        (parallel/host_allreduce.py) instead of all-reduced through gloo's TCP; None: as
+        `parallel.host_shared_memory` set it (`host_allreduce.configure`)."""
         self.params = [p for p in params if p.requires_grad]
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
@@ -70,7 +72,8 @@ class GradientAverager:
             dense = [p for p in self.params if id(p) not in sparse_ids]
             # Reverse parameter order: the order backward produces gradients in.
             grouped = self._group(list(reversed(dense)), bucket_size_mb * 2**20)
-            self.segments = self._shared_segments(grouped) if shared_memory else {}
+            use_shm = host_allreduce.enabled() if shared_memory is None else shared_memory
+            self.segments = self._shared_segments(grouped) if use_shm else {}
             offsets = dict.fromkeys(self.segments, 0)
             for params_of_bucket in grouped:
                 numel, dtype = sum(p.numel() for p in params_of_bucket), params_of_bucket[0].dtype
@@ -120,14 +123,12 @@ class GradientAverager:
     def _shared_segments(self, grouped: list) -> dict:
         """{dtype: SharedSegment holding every bucket of that dtype}, when the gradients are on CPU
         under gloo and the DP ranks share a host (collective; the same answer on every rank)."""
-        from parallel.host_allreduce import SharedSegment
-
         if any(p.device.type != "cpu" for ps in grouped for p in ps) or dist.get_backend(self.group) != "gloo":
             return {}
         segments = {}
         for dtype in sorted({ps[0].dtype for ps in grouped}, key=str):
             numel = sum(p.numel() for ps in grouped if ps[0].dtype == dtype for p in ps)
-            segment = SharedSegment.create(self.group, dtype, numel)
+            segment = host_allreduce.SharedSegment.create(self.group, dtype, numel)
             if segment is not None:
                 segments[dtype] = segment
         return segments

@@ -52,49 +52,59 @@ class SharedSegment:
         self._scratch = torch.empty(_CHUNK if self.rank >= 2 else 0, dtype=parts.dtype)
 
     @classmethod
-    def create(cls, group, dtype: torch.dtype, numel: int) -> SharedSegment | None:
+    def create(cls, group, dtype: torch.dtype, numel: int, purpose: str = "gradient average") -> SharedSegment | None:
         """Collective over `group`. None on every rank alike when the group is one rank, spans more
-        than one host, or /dev/shm lacks room for twice the segment."""
+        than one host, or /dev/shm cannot hold the segment (its pages are reserved here, so a full
+        /dev/shm is a logged fallback now rather than a SIGBUS in the middle of a step)."""
         world = dist.get_world_size(group)
         if world == 1 or numel == 0:
             return None
         hosts = [None] * world
         dist.all_gather_object(hosts, host_id(), group=group)
         nbytes = world * numel * torch.tensor([], dtype=dtype).element_size()
-        name = [None]
-        if dist.get_rank(group) == 0:
-            ok = len(set(hosts)) == 1 and os.path.isdir(SHM_DIR) and _free_bytes(SHM_DIR) > 2 * nbytes
-            name = [os.path.join(SHM_DIR, f"mmengine-allreduce-{uuid.uuid4().hex}") if ok else None]
+        name, error = [None], ""
+        if dist.get_rank(group) == 0 and len(set(hosts)) == 1 and os.path.isdir(SHM_DIR):
+            path = os.path.join(SHM_DIR, f"mmengine-allreduce-{uuid.uuid4().hex}")
+            try:
+                _reserve(path, nbytes)
+                name = [path]
+            except OSError as exc:
+                error = f"{path}: {exc}"
         dist.broadcast_object_list(name, src=dist.get_process_group_ranks(group)[0], group=group)
-        if name[0] is None:
-            return None
-        try:
-            flat, error = torch.from_file(name[0], shared=True, size=world * numel, dtype=dtype), ""
-        except RuntimeError as exc:
-            flat, error = None, f"{type(exc).__name__}: {exc}"
+        flat = None
+        if name[0] is not None:
+            try:
+                flat = torch.from_file(name[0], shared=True, size=world * numel, dtype=dtype)
+            except RuntimeError as exc:
+                error = f"{type(exc).__name__}: {exc}"
         errors = [None] * world
         dist.all_gather_object(errors, error, group=group)  # every rank mapped it, or none uses it
-        if dist.get_rank(group) == 0:
+        if dist.get_rank(group) == 0 and name[0] is not None:
             os.unlink(name[0])  # the mappings stay, the name goes
         dist.barrier(group=group)  # no rank returns while the name is still there
         if any(errors) and dist.get_rank(group) == 0:  # once, not once per rank
-            log.warning("shared-memory gradient average unavailable (%s); gloo all-reduces instead",
+            log.warning("shared-memory %s unavailable (%s); gloo all-reduces instead", purpose,
                         next(e for e in errors if e))
-        if any(errors):
+        if any(errors) or name[0] is None:
             return None
         return cls(group, flat.view(world, numel))
 
     def average_(self, start: int, end: int) -> None:
         """Collective: `local[start:end]` becomes the mean over the ranks of their `local[start:end]`,
         each rank's values scaled by 1/world before the sum, as the gloo path divides first (at 2
-        ranks the scale is exact, so the bits equal gloo's). Each rank reduces one slice in chunks
-        that stay in cache, writing into its own part (no temporary the size of the slice: a fresh
-        one costs its page faults every step), then copies the other ranks' reduced slices."""
+        ranks the scale is exact, so the bits equal gloo's)."""
+        self.reduce_(start, end, 1.0 / self.world)
+
+    def reduce_(self, start: int, end: int, scale: float = 1.0) -> None:
+        """Collective: `local[start:end]` becomes the sum over the ranks of `scale` x their
+        `local[start:end]`. Each rank reduces one slice in chunks that stay in cache, writing into its
+        own part (no temporary the size of the slice: a fresh one costs its page faults every call),
+        then copies the other ranks' reduced slices."""
         n = end - start
         bounds = [start + k * n // self.world for k in range(self.world + 1)]
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
-        scale = 1.0 / self.world
         dist.barrier(group=self.group)  # every rank's values are in place
+        parts = self.parts
         for a in range(lo, hi, _CHUNK):
             b = min(a + _CHUNK, hi)
             # Summed in rank order whichever rank reduces the slice (ranks 0 and 1 start from their own
@@ -102,19 +112,126 @@ class SharedSegment:
             # be read when the first sum lands, so it sums into a scratch chunk.
             out = self.local[a:b] if self.rank < 2 else self._scratch[:b - a]
             first, second = (0, 1) if self.rank != 1 else (1, 0)
-            torch.mul(self.parts[first, a:b], scale, out=out)
-            out.add_(self.parts[second, a:b], alpha=scale)
+            if scale == 1.0:
+                torch.add(parts[first, a:b], parts[second, a:b], out=out)
+            else:
+                torch.mul(parts[first, a:b], scale, out=out)
+                out.add_(parts[second, a:b], alpha=scale)
             for k in range(2, self.world):
-                out.add_(self.parts[k, a:b], alpha=scale)
+                out.add_(parts[k, a:b], alpha=scale)
             if self.rank >= 2:
                 self.local[a:b].copy_(out)
         dist.barrier(group=self.group)  # every slice reduced
         for k in range(self.world):
             if k != self.rank:
-                self.local[bounds[k]:bounds[k + 1]].copy_(self.parts[k, bounds[k]:bounds[k + 1]])
+                self.local[bounds[k]:bounds[k + 1]].copy_(parts[k, bounds[k]:bounds[k + 1]])
         dist.barrier(group=self.group)  # every rank has read the others' slices: they may write again
 
 
-def _free_bytes(path: str) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
+class HostAllReduce:
+    """`all_reduce_(tensor)`: a sum all-reduce of a CPU tensor of up to `capacity_bytes` over `group`
+    through two shared segments used in turn, for megatron's TP all-reduces of activations and
+    their gradients (`parallel/cpu_shims.py`), which gloo sends through TCP loopback one by one
+    (B/32 at TP=2: 126 a step of 1-2.4 MB). Each rank writes its tensor into its part, waits at
+    one barrier, then sums every part itself, in rank order, so every rank gets the same bits (gloo's
+    at 2 ranks). One barrier a call suffices: before a rank writes a segment again (two calls
+    later), every rank has passed the next call's barrier, so it is done reading this one."""
+
+    def __init__(self, group, segments: list):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.segments = [segment.parts for segment in segments]  # each [world, capacity] bytes
+        self.capacity_bytes = self.segments[0].shape[1]
+        self._typed = {}  # (segment index, dtype) -> [world, capacity / element size] view
+        self._turn = 0
+        self.calls = 0  # all-reduces taken (a test reads it: the route was really used)
+
+    @classmethod
+    def create(cls, group, capacity_bytes: int) -> HostAllReduce | None:
+        """Collective over `group`; None on every rank alike where a SharedSegment is not possible."""
+        segments = []
+        for _ in range(2):
+            segment = SharedSegment.create(group, torch.uint8, capacity_bytes, purpose="TP all-reduce")
+            if segment is None:
+                return None
+            segments.append(segment)
+        return cls(group, segments)
+
+    def handles(self, tensor: torch.Tensor) -> bool:
+        """The same answer on every rank of an all-reduce (same shape and dtype everywhere)."""
+        return (tensor.device.type == "cpu" and tensor.is_floating_point() and tensor.is_contiguous()
+                and tensor.numel() * tensor.element_size() <= self.capacity_bytes)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        key = (self._turn, tensor.dtype)
+        if key not in self._typed:
+            self._typed[key] = self.segments[self._turn].view(tensor.dtype)
+        parts = self._typed[key][:, :tensor.numel()]
+        self._turn ^= 1
+        self.calls += 1
+        flat = tensor.view(-1)
+        parts[self.rank].copy_(flat)
+        dist.barrier(group=self.group)  # every rank's tensor is in place
+        torch.add(parts[0], parts[1], out=flat)
+        for k in range(2, self.world):
+            flat.add_(parts[k])
+
+
+_enabled = True
+_reducers: dict = {}  # process group -> HostAllReduce
+
+
+def configure(enabled: bool) -> None:
+    """Whether shared-memory collectives may be used in this process (`parallel.host_shared_memory`);
+    forgets the reducers registered so far (their groups are being replaced or destroyed)."""
+    global _enabled
+    _enabled = enabled
+    _reducers.clear()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def register_reducer(group, capacity_bytes: int = 32 * 2**20) -> HostAllReduce | None:
+    """Collective over `group`: all-reduces over it go through shared memory from now on where
+    `HostAllReduce.handles` them (see `all_reduce`)."""
+    if not _enabled or group is None or dist.get_world_size(group) == 1 or dist.get_backend(group) != "gloo":
+        return None
+    reducer = HostAllReduce.create(group, capacity_bytes)
+    if reducer is not None:
+        _reducers[group] = reducer
+    return reducer
+
+
+class _Done:
+    """What an async all-reduce returns when it ran at once."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """`torch.distributed.all_reduce`, through shared memory where `group` has a reducer that takes
+    `tensor` (a SUM of a contiguous CPU float tensor that fits), else gloo's."""
+    reducer = _reducers.get(group)
+    if reducer is not None and op == dist.ReduceOp.SUM and reducer.handles(tensor):
+        reducer.all_reduce_(tensor)
+        return _Done() if async_op else None
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def _reserve(path: str, nbytes: int) -> None:
+    """Create `path` with `nbytes` of backed pages (tmpfs allocates them now: ENOSPC here, not later)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)

@@ -1,4 +1,6 @@
-"""TP=2 and TP=4 forward outputs and gradients equal TP=1 with the same full weights (fp32, 1e-5)."""
+"""TP=2 and TP=4 forward outputs and gradients equal TP=1 with the same full weights (fp32, 1e-5).
+megatron's TP all-reduces go through shared memory here (every rank on this host): at TP=2 the
+result is bit for bit gloo's, whose all-reduce adds the same two numbers."""
 import pytest
 import torch
 
@@ -8,15 +10,16 @@ from tests.distributed.harness import run_ranks
 TOL = 1e-5  # absolute and relative, fp32
 
 
-def _run_clip(tp: int, full_state: dict | None):
+def _run_clip(tp: int, full_state: dict | None, host_shared_memory: bool = True):
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
     from engine.grad_norm import global_grad_norm
     from engine.memory_estimate import params_per_rank
+    from parallel import host_allreduce
     from parallel.context import initialize_parallel
     from parallel.tp_sharding import gather_full_grads, gather_full_state_dict, shard_full_state_dict
 
-    ctx = initialize_parallel(tp, 1, device="cpu", seed=7)
+    ctx = initialize_parallel(tp, 1, device="cpu", seed=7, host_shared_memory=host_shared_memory)
     cfg = tiny_clip_config()
     model = CLIPModel(cfg)
     if full_state is not None:
@@ -26,7 +29,9 @@ def _run_clip(tp: int, full_state: dict | None):
     loss = ContrastiveLoss(group=ctx.dp_group)(image_features, text_features, scale)
     # Add terms that reach each tower's output directly so a wrong shard cannot hide in the loss.
     (loss + image_features.pow(2).mean() + text_features.mean()).backward()
+    reducer = host_allreduce._reducers.get(ctx.tp_group)
     return {
+        "host_reducer_calls": reducer.calls if reducer is not None else 0,
         "state": gather_full_state_dict(model, ctx.tp_group),
         "grads": gather_full_grads(model, ctx.tp_group),
         "image": image_features.detach(),
@@ -53,6 +58,7 @@ def test_tp_matches_single_process(reference, tp):
         # Replicated parameters are counted once, TP shards summed: the same global norm as TP=1.
         torch.testing.assert_close(res["grad_norm"], reference["grad_norm"], atol=TOL, rtol=TOL)
         assert res["local_params"] == res["predicted_params"]  # the memory estimator's TP split
+        assert res["host_reducer_calls"] > 0  # the TP all-reduces took the shared-memory route
         assert res["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             # Vocab padding may differ with TP: compare the rows both layouts hold.
@@ -61,3 +67,14 @@ def test_tp_matches_single_process(reference, tp):
     # The gradient check is only meaningful if the towers' gradients are not all zero.
     assert reference["grads"]["visual.transformer.layers.0.self_attention.linear_qkv.weight"].abs().sum() > 0
     assert reference["grads"]["text.token_embedding.weight"].abs().sum() > 0
+
+
+def test_tp_all_reduce_through_shared_memory_equals_gloo_bitwise(reference):
+    shm = run_ranks(2, _run_clip, 2, reference["state"], True)
+    gloo = run_ranks(2, _run_clip, 2, reference["state"], False)
+    for a, b in zip(shm, gloo):
+        assert a["host_reducer_calls"] > 0 and b["host_reducer_calls"] == 0
+        for key in ("image", "text", "loss", "grad_norm"):
+            assert torch.equal(a[key], b[key]), key
+        for name, grad in b["grads"].items():
+            assert torch.equal(a["grads"][name], grad), name
