@@ -138,7 +138,7 @@ def main() -> None:
     header = (f"CLIP fp32 training throughput, CPU: {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, {args.steps - args.warmup} timed steps "
               f"after {args.warmup} warm-up, median of {args.repeats} round(s) run back to back; 1-min load "
-              f"average {min(loads):.1f}-{max(loads):.1f} (the cores were shared with other sessions)")
+              f"average {min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} means every core busy)")
     versus = "the baseline" if args.engines_only else "open_clip"
     lines = [header, "", "| model | system | layout | global batch | step time (s), median | min-max (s) | "
              f"samples/s | vs {versus} (median of rounds) |", "|---|---|---|---|---|---|---|---|"]

@@ -1,16 +1,23 @@
-"""Averages over the ranks of one host through shared memory instead of gloo's TCP (CPU tensors).
+"""Reductions over the ranks of one host through shared memory instead of gloo's TCP (CPU tensors).
 
 gloo moves every byte of a CPU all-reduce through the loopback network stack and back: 0.37 s for
-B/32's 572 MB of gradients between two ranks on an idle 2-core machine, 0.68 s under load. When
-every rank of a group runs on the same host, the ranks can read each other's buffers instead
-(DeepSpeed's CPU `shm` all-reduce does this too): each rank's tensor lives in a shared segment, each
-rank averages one slice of all of them into its own part, chunk by chunk so the scale and the sum
-are one pass over memory, then copies the other ranks' averaged slices: 0.08 s for the same 572 MB,
-no system calls and no temporary. Three barriers of the group per call order the passes, so a
-missing rank fails with the group's timeout like any collective.
+B/32's 572 MB of gradients between two ranks on an idle 2-core machine, 0.68 s under load, and
+about 0.5 ms of round trips for each of megatron's small TP all-reduces. When every rank of a group
+runs on the same host, the ranks can read each other's buffers instead (DeepSpeed's CPU `shm`
+all-reduce does this too). Two users, switched by `parallel.host_shared_memory` (`configure`):
 
-The segment lives in /dev/shm only while the ranks map it: rank 0 removes the file once every rank
-has mapped it, so a crash leaves nothing behind.
+- `SharedSegment.average_`, the DP gradient average (parallel/data_parallel.py): the gradient
+  buckets live in the segment; each rank averages one slice of every rank's part into its own,
+  chunk by chunk so the scale and the sum are one pass over memory, then copies the other ranks'
+  averaged slices: 0.08 s for the same 572 MB, no system calls and no temporary. Three barriers a
+  call order the passes.
+- `HostAllReduce`, megatron's TP all-reduces (routed by parallel/cpu_shims.py): small tensors are
+  copied into one of two alternating segments and every rank sums all parts itself, one barrier a
+  call.
+
+The barriers are the group's, so a missing rank fails with the group's timeout like any collective.
+A segment lives in /dev/shm only while the ranks map it: rank 0 removes the file once every rank has
+mapped it, so a crash leaves nothing behind.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ TOL = 1e-6
 MICRO_BATCHES = 2
 
 
-def _run(overlap: bool, row_sparse: bool = False, shared_memory: bool = False):
+def _run(overlap: bool, row_sparse: bool = False, host_shared_memory: bool = False):
     import torch.distributed as dist
 
     from models.clip.loss import ContrastiveLoss
@@ -23,7 +23,8 @@ def _run(overlap: bool, row_sparse: bool = False, shared_memory: bool = False):
     from parallel.context import initialize_parallel
     from parallel.data_parallel import GradientAverager
 
-    ctx = initialize_parallel(1, 1, device="cpu", seed=3)
+    # The averager takes its shared-memory setting from here (`parallel.host_shared_memory`).
+    ctx = initialize_parallel(1, 1, device="cpu", seed=3, host_shared_memory=host_shared_memory)
     torch.manual_seed(3)  # the same weights on both ranks and in both models
     cfg = tiny_clip_config()
     model, reference = CLIPModel(cfg), CLIPModel(cfg)
@@ -31,7 +32,7 @@ def _run(overlap: bool, row_sparse: bool = False, shared_memory: bool = False):
     # 64 KiB buckets: many buckets, so most are launched while backward still runs
     sparse = [model.text.token_embedding.weight] if row_sparse else []
     averager = GradientAverager(model.parameters(), ctx.dp_group, bucket_size_mb=1 / 16, overlap=overlap,
-                                row_sparse=sparse, shared_memory=shared_memory)
+                                row_sparse=sparse)
     loss_fn = ContrastiveLoss(group=ctx.dp_group)
     out = {"launched_in_backward": [], "grads_are_views": []}
     for step in range(2):  # the second step checks zero_grad keeps the views and resets the sums
@@ -80,7 +81,7 @@ def test_overlapped_average_matches_allreduce_per_parameter():
 def test_average_without_overlap_matches_too():
     results = run_ranks(2, _run, False)
     _check(results)
-    assert results[0]["launched_in_backward"] == [0, 0]
+    assert results[0]["launched_in_backward"] == [0, 0] and results[0]["segments"] == 0
 
 
 def test_token_embedding_reduced_over_its_touched_rows_only():
