@@ -12,8 +12,8 @@ all-reduce does this too). Two users, switched by `parallel.host_shared_memory` 
   averaged slices: 0.08 s for the same 572 MB, no system calls and no temporary. Three barriers a
   call order the passes.
 - `HostAllReduce`, megatron's TP all-reduces (routed by parallel/cpu_shims.py): small tensors are
-  copied into one of two alternating segments and every rank sums all parts itself, one barrier a
-  call.
+  copied into one of a segment's two halves, in turn, and every rank sums all parts itself, one
+  barrier a call.
 
 The barriers are the group's, so a missing rank fails with the group's timeout like any collective.
 A segment lives in /dev/shm only while the ranks map it: rank 0 removes the file once every rank has
@@ -99,17 +99,13 @@ class SharedSegment:
     def average_(self, start: int, end: int) -> None:
         """Collective: `local[start:end]` becomes the mean over the ranks of their `local[start:end]`,
         each rank's values scaled by 1/world before the sum, as the gloo path divides first (at 2
-        ranks the scale is exact, so the bits equal gloo's)."""
-        self.reduce_(start, end, 1.0 / self.world)
-
-    def reduce_(self, start: int, end: int, scale: float = 1.0) -> None:
-        """Collective: `local[start:end]` becomes the sum over the ranks of `scale` x their
-        `local[start:end]`. Each rank reduces one slice in chunks that stay in cache, writing into its
-        own part (no temporary the size of the slice: a fresh one costs its page faults every call),
-        then copies the other ranks' reduced slices."""
+        ranks the scale is exact, so the bits equal gloo's). Each rank reduces one slice in chunks
+        that stay in cache, writing into its own part (no temporary the size of the slice: a fresh
+        one costs its page faults every call), then copies the other ranks' reduced slices."""
         n = end - start
         bounds = [start + k * n // self.world for k in range(self.world + 1)]
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        scale = 1.0 / self.world
         dist.barrier(group=self.group)  # every rank's values are in place
         parts = self.parts
         for a in range(lo, hi, _CHUNK):
@@ -119,11 +115,8 @@ class SharedSegment:
             # be read when the first sum lands, so it sums into a scratch chunk.
             out = self.local[a:b] if self.rank < 2 else self._scratch[:b - a]
             first, second = (0, 1) if self.rank != 1 else (1, 0)
-            if scale == 1.0:
-                torch.add(parts[first, a:b], parts[second, a:b], out=out)
-            else:
-                torch.mul(parts[first, a:b], scale, out=out)
-                out.add_(parts[second, a:b], alpha=scale)
+            torch.mul(parts[first, a:b], scale, out=out)
+            out.add_(parts[second, a:b], alpha=scale)
             for k in range(2, self.world):
                 out.add_(parts[k, a:b], alpha=scale)
             if self.rank >= 2:
@@ -137,33 +130,27 @@ class SharedSegment:
 
 class HostAllReduce:
     """`all_reduce_(tensor)`: a sum all-reduce of a CPU tensor of up to `capacity_bytes` over `group`
-    through two shared segments used in turn, for megatron's TP all-reduces of activations and
+    through the two halves of one shared segment, used in turn, for megatron's TP all-reduces of activations and
     their gradients (`parallel/cpu_shims.py`), which gloo sends through TCP loopback one by one
     (B/32 at TP=2: 126 a step of 1-2.4 MB). Each rank writes its tensor into its part, waits at
     one barrier, then sums every part itself, in rank order, so every rank gets the same bits (gloo's
-    at 2 ranks). One barrier a call suffices: before a rank writes a segment again (two calls
-    later), every rank has passed the next call's barrier, so it is done reading this one."""
+    at 2 ranks). One barrier a call suffices: before a rank writes a half again (two calls later),
+    every rank has passed the next call's barrier, so it is done reading this one."""
 
-    def __init__(self, group, segments: list):
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.segments = [segment.parts for segment in segments]  # each [world, capacity] bytes
-        self.capacity_bytes = self.segments[0].shape[1]
-        self._typed = {}  # (segment index, dtype) -> [world, capacity / element size] view
+    def __init__(self, segment: SharedSegment):
+        self.group, self.world, self.rank = segment.group, segment.world, segment.rank
+        self.capacity_bytes = segment.parts.shape[1] // 2
+        cap = self.capacity_bytes
+        self.halves = [segment.parts[:, :cap], segment.parts[:, cap:]]  # each [world, capacity] bytes
+        self._typed = {}  # (half, dtype) -> [world, capacity / element size] view
         self._turn = 0
         self.calls = 0  # all-reduces taken (a test reads it: the route was really used)
 
     @classmethod
     def create(cls, group, capacity_bytes: int) -> HostAllReduce | None:
         """Collective over `group`; None on every rank alike where a SharedSegment is not possible."""
-        segments = []
-        for _ in range(2):
-            segment = SharedSegment.create(group, torch.uint8, capacity_bytes, purpose="TP all-reduce")
-            if segment is None:
-                return None
-            segments.append(segment)
-        return cls(group, segments)
+        segment = SharedSegment.create(group, torch.uint8, 2 * capacity_bytes, purpose="TP all-reduce")
+        return cls(segment) if segment is not None else None
 
     def handles(self, tensor: torch.Tensor) -> bool:
         """The same answer on every rank of an all-reduce (same shape and dtype everywhere)."""
@@ -173,7 +160,7 @@ class HostAllReduce:
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         key = (self._turn, tensor.dtype)
         if key not in self._typed:
-            self._typed[key] = self.segments[self._turn].view(tensor.dtype)
+            self._typed[key] = self.halves[self._turn].view(tensor.dtype)
         parts = self._typed[key][:, :tensor.numel()]
         self._turn ^= 1
         self.calls += 1
