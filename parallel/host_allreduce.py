@@ -15,7 +15,9 @@ all-reduce does this too). Two users, switched by `parallel.host_shared_memory` 
   copied into one of a segment's two halves, in turn, and every rank sums all parts itself, one
   barrier a call.
 
-The barriers are the group's, so a missing rank fails with the group's timeout like any collective.
+The barriers that order the passes are counters in the segment itself on x86-64
+(parallel/host_barrier.py: microseconds where gloo's barrier takes 0.5-1 ms), gloo's elsewhere;
+either way a missing rank fails the others after the group's timeout, like any collective.
 A segment lives in /dev/shm only while the ranks map it: rank 0 removes the file once every rank has
 mapped it, so a crash leaves nothing behind.
 """
@@ -28,6 +30,9 @@ import uuid
 
 import torch
 import torch.distributed as dist
+
+from parallel.host_barrier import SpinBarrier, control_bytes
+from parallel.timeouts import group_timeout
 
 log = logging.getLogger("engine")
 
@@ -50,13 +55,21 @@ class SharedSegment:
     `local` is this rank's (a plain CPU tensor to compute in), `average_(start, end)` makes
     `local[start:end]` the mean over the ranks of theirs. Build it with `create` (collective)."""
 
-    def __init__(self, group, parts: torch.Tensor):
+    def __init__(self, group, parts: torch.Tensor, barrier: SpinBarrier | None = None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.parts = parts  # [world, numel]
         self.local = parts[self.rank]
         self._scratch = torch.empty(_CHUNK if self.rank >= 2 else 0, dtype=parts.dtype)
+        self._barrier = barrier  # None: gloo's (not x86-64, see parallel/host_barrier.py)
+
+    def barrier(self) -> None:
+        """Collective: every rank's writes to the segment before it are visible to all after it."""
+        if self._barrier is not None:
+            self._barrier.wait()
+        else:
+            dist.barrier(group=self.group)
 
     @classmethod
     def create(cls, group, dtype: torch.dtype, numel: int, purpose: str = "gradient average") -> SharedSegment | None:
@@ -67,8 +80,11 @@ class SharedSegment:
         if world == 1 or numel == 0:
             return None
         hosts = [None] * world
-        dist.all_gather_object(hosts, host_id(), group=group)
-        nbytes = world * numel * torch.tensor([], dtype=dtype).element_size()
+        dist.all_gather_object(hosts, (host_id(), os.getpid()), group=group)
+        pids = [pid for _, pid in hosts]
+        hosts = [host for host, _ in hosts]
+        head = control_bytes(world)  # the barrier's counters, then the parts
+        nbytes = head + world * numel * torch.tensor([], dtype=dtype).element_size()
         name, error = [None], ""
         if dist.get_rank(group) == 0 and len(set(hosts)) == 1 and os.path.isdir(SHM_DIR):
             path = os.path.join(SHM_DIR, f"mmengine-allreduce-{uuid.uuid4().hex}")
@@ -81,7 +97,7 @@ class SharedSegment:
         flat = None
         if name[0] is not None:
             try:
-                flat = torch.from_file(name[0], shared=True, size=world * numel, dtype=dtype)
+                flat = torch.from_file(name[0], shared=True, size=nbytes, dtype=torch.uint8)
             except RuntimeError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         errors = [None] * world
@@ -94,7 +110,12 @@ class SharedSegment:
                         next(e for e in errors if e))
         if any(errors) or name[0] is None:
             return None
-        return cls(group, flat.view(world, numel))
+        barrier = None
+        if SpinBarrier.supported():
+            ranks = dist.get_process_group_ranks(group)
+            barrier = SpinBarrier(flat[:head], dist.get_rank(group), world, group_timeout(group), pids,
+                                  f"the {purpose} group (global ranks {ranks})")
+        return cls(group, flat[head:].view(dtype).view(world, numel), barrier)
 
     def average_(self, start: int, end: int) -> None:
         """Collective: `local[start:end]` becomes the mean over the ranks of their `local[start:end]`,
@@ -106,7 +127,7 @@ class SharedSegment:
         bounds = [start + k * n // self.world for k in range(self.world + 1)]
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
         scale = 1.0 / self.world
-        dist.barrier(group=self.group)  # every rank's values are in place
+        self.barrier()  # every rank's values are in place
         parts = self.parts
         for a in range(lo, hi, _CHUNK):
             b = min(a + _CHUNK, hi)
@@ -121,11 +142,11 @@ class SharedSegment:
                 out.add_(parts[k, a:b], alpha=scale)
             if self.rank >= 2:
                 self.local[a:b].copy_(out)
-        dist.barrier(group=self.group)  # every slice reduced
+        self.barrier()  # every slice reduced
         for k in range(self.world):
             if k != self.rank:
                 self.local[bounds[k]:bounds[k + 1]].copy_(parts[k, bounds[k]:bounds[k + 1]])
-        dist.barrier(group=self.group)  # every rank has read the others' slices: they may write again
+        self.barrier()  # every rank has read the others' slices: they may write again
 
 
 class HostAllReduce:
@@ -139,6 +160,7 @@ class HostAllReduce:
 
     def __init__(self, segment: SharedSegment):
         self.group, self.world, self.rank = segment.group, segment.world, segment.rank
+        self.barrier = segment.barrier
         self.capacity_bytes = segment.parts.shape[1] // 2
         cap = self.capacity_bytes
         self.halves = [segment.parts[:, :cap], segment.parts[:, cap:]]  # each [world, capacity] bytes
@@ -166,7 +188,7 @@ class HostAllReduce:
         self.calls += 1
         flat = tensor.view(-1)
         parts[self.rank].copy_(flat)
-        dist.barrier(group=self.group)  # every rank's tensor is in place
+        self.barrier()  # every rank's tensor is in place
         torch.add(parts[0], parts[1], out=flat)
         for k in range(2, self.world):
             flat.add_(parts[k])
