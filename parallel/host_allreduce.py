@@ -11,6 +11,9 @@ all-reduce does this too). Two users, switched by `parallel.host_shared_memory` 
   chunk by chunk so the scale and the sum are one pass over memory, then copies the other ranks'
   averaged slices: 0.08 s for the same 572 MB, no system calls and no temporary. Three barriers a
   call order the passes.
+- `SharedSegment.reduce_scatter_` / `all_gather_`, ZeRO-1's gradient reduce-scatter and parameter
+  all-gather (engine/distributed_optimizer.py): each rank sums only its shard's ranges of every
+  rank's gradients, and copies the other shards' updated parameters.
 - `HostAllReduce`, megatron's TP all-reduces (routed by parallel/cpu_shims.py): small tensors are
   copied into one of a segment's two halves, in turn, and every rank sums all parts itself, one
   barrier a call.
@@ -147,6 +150,35 @@ class SharedSegment:
             if k != self.rank:
                 self.local[bounds[k]:bounds[k + 1]].copy_(parts[k, bounds[k]:bounds[k + 1]])
         self.barrier()  # every rank has read the others' slices: they may write again
+
+
+    def reduce_scatter_(self, slices, scale: float) -> None:
+        """Collective: for each (start, end, out) of `slices`, `out` (this rank's own memory, not the
+        segment's) = the sum over the ranks of `scale` x their `local[start:end]`, in rank order, in
+        chunks that stay in cache. It starts with the barrier that puts every rank's values in
+        place; the caller's next barrier on this segment must come before any rank writes its part
+        again (the others may still be reading it until then). ZeRO-1's gradient reduce-scatter:
+        each rank passes its own shard's ranges, so nothing is copied back."""
+        self.barrier()
+        parts = self.parts
+        for start, end, out in slices:
+            for a in range(start, end, _CHUNK):
+                b = min(a + _CHUNK, end)
+                chunk = out[a - start:b - start]
+                torch.mul(parts[0, a:b], scale, out=chunk)
+                for k in range(1, self.world):
+                    chunk.add_(parts[k, a:b], alpha=scale)
+
+    def all_gather_(self, ranges_of_rank) -> None:
+        """Collective: `ranges_of_rank[k]` lists the (start, end) ranges rank k has written in its part;
+        every rank copies the others' into its own `local`. Starts with the barrier that puts them in
+        place; a rank writes those ranges again only after a later barrier (ZeRO-1: the next step's
+        reduce-scatter), by which time every rank has copied them, so none is needed after."""
+        self.barrier()
+        for k, ranges in enumerate(ranges_of_rank):
+            if k != self.rank:
+                for start, end in ranges:
+                    self.local[start:end].copy_(self.parts[k, start:end])
 
 
 class HostAllReduce:

@@ -16,7 +16,7 @@ TOL = 2e-5
 
 
 def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_rank: int | None = None,
-           bucket_size: int = 40_000_000, overlap: bool = True):
+           bucket_size: int = 40_000_000, overlap: bool = True, shared_memory: bool = True):
     from engine.loss_scaler import DynamicLossScaler, LossScalerConfig
     from engine.optim import build_optimizer
     from engine.schema import OptimConfig
@@ -25,7 +25,7 @@ def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_ran
     from parallel.context import initialize_parallel
     from parallel.tp_sharding import gather_full_state_dict, shard_full_state_dict
 
-    ctx = initialize_parallel(tp, 1, device="cpu", seed=3)
+    ctx = initialize_parallel(tp, 1, device="cpu", seed=3, host_shared_memory=shared_memory)
     cfg = tiny_clip_config()
     model = CLIPModel(cfg)
     if full_state is not None:
@@ -59,7 +59,7 @@ def _train(tp: int, optimizer_name: str, full_state: dict | None, inject_inf_ran
         scales.append(opt.loss_scale)
     return {"state": gather_full_state_dict(model, ctx.tp_group), "initial": initial, "norms": norms,
             "skipped": skipped, "scales": scales, "state_bytes": opt.state_bytes(),
-            "buckets": len(getattr(opt, "buckets", []))}
+            "buckets": len(getattr(opt, "buckets", [])), "shm": getattr(opt, "_shm", None) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +75,20 @@ def _assert_params(got: dict, want: dict):
         torch.testing.assert_close(value, tensor, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("tp,world,bucket_size,overlap", [
-    (1, 2, 40_000_000, True),  # one bucket
-    (1, 4, 20_000, True),  # several buckets, reduced while backward runs
-    (2, 4, 20_000, False),  # several buckets, reduced after backward
+@pytest.mark.parametrize("tp,world,bucket_size,overlap,shared_memory", [
+    (1, 2, 40_000_000, True, True),  # one bucket, reduce-scatter and all-gather through /dev/shm
+    (1, 4, 20_000, True, False),  # several buckets, reduced through gloo while backward runs
+    (2, 4, 20_000, False, True),  # several buckets, TP=2 x DP=2 through /dev/shm
 ])
-def test_zero1_matches_unsharded_adamw(reference, tp, world, bucket_size, overlap):
-    results = run_ranks(world, _train, tp, "distributed_fused_adam", reference["initial"], None, bucket_size, overlap)
+def test_zero1_matches_unsharded_adamw(reference, tp, world, bucket_size, overlap, shared_memory):
+    results = run_ranks(world, _train, tp, "distributed_fused_adam", reference["initial"], None, bucket_size, overlap,
+                        shared_memory)
     moved = max((reference["state"][k] - reference["initial"][k]).abs().max().item()
                 for k in reference["state"] if torch.is_tensor(reference["state"][k]))
     assert moved > 1e-3  # the comparison is about real updates
     for r in results:
         assert (r["buckets"] > 1) == (bucket_size < 100_000)
+        assert r["shm"] == shared_memory  # the route under test was the one taken
         _assert_params(r["state"], reference["state"])
         assert r["norms"] == pytest.approx(reference["norms"], rel=1e-5)
         assert not any(r["skipped"])
