@@ -186,27 +186,12 @@ def launch(family_name: str, doc: str | None = None, argv: list[str] | None = No
 
     try:
         run(family, argv)
-    except (ConfigError, ParallelLayoutError) as exc:  # nothing ran: fix and relaunch
-        # Every rank read the same config and found the same fault: rank 0 says it, once.
-        if _launch_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except CheckpointLockError as exc:  # raised where the lock was tried; nothing was written
+    except (ConfigError, ParallelLayoutError, CheckpointLockError) as exc:  # nothing ran: fix and relaunch
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except CollectiveTimeoutError as exc:  # another rank stopped answering: say which wait, no traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-
-
-def _launch_rank() -> int:
-    """This process's global rank as torchrun or SLURM set it, read before any process group exists."""
-    for name in ("RANK", "SLURM_PROCID"):
-        try:
-            return int(os.environ[name])
-        except (KeyError, ValueError):
-            continue
-    return 0
 
 
 def quiet_optional_extra_warnings() -> None:
