@@ -236,7 +236,6 @@ class FlatAdamW:
                 p._flat_adamw_fresh = False
 
     def _launch(self, bucket: _Bucket) -> None:
-        self._zero_unused(bucket)
         grads = self.grad_buffer[bucket.start:bucket.end]
         grads.div_(self.dp_size)
         if self.sharded:
@@ -246,13 +245,13 @@ class FlatAdamW:
             bucket.handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
 
     def _reduce_gradients(self) -> torch.Tensor:
+        # Before any reduction that is still to come. A bucket launched during backward had every
+        # gradient arrive, so it holds no unused parameter.
+        for bucket in self.buckets:
+            self._zero_unused(bucket)
         if self.dp_size == 1:
-            for bucket in self.buckets:
-                self._zero_unused(bucket)
             return self._grad_shard
         if self._shm is not None:  # each rank sums its own shard from every rank's buffer
-            for bucket in self.buckets:
-                self._zero_unused(bucket)
             chunks = [(*self._chunk_bounds(b, self.dp_rank), self._grad_shard[b.shard_offset:]) for b in self.buckets]
             # Scaled before the sum, as the gloo path divides first. No rank writes its gradients again
             # before every rank has passed a later collective (the inf check, the norm, the all-gather).
@@ -346,21 +345,16 @@ class FlatAdamW:
         return master[start - bucket.shard_offset:end - bucket.shard_offset]
 
     def _publish_parameters(self) -> None:
-        if self._shm is not None:  # copy the other ranks' updated shards from their buffers
-            for bucket, master in zip(self.buckets, self.master_chunks):
-                chunk = self._my_chunk(self.param_buffer, bucket)
-                if self.separate_master:
-                    chunk.copy_(master)
-            self._shm[1].all_gather_([[self._chunk_bounds(b, k) for b in self.buckets] for k in range(self.dp_size)])
-            return
         handles = []
         for bucket, master in zip(self.buckets, self.master_chunks):
             chunk = self._my_chunk(self.param_buffer, bucket)
             if self.separate_master:
                 chunk.copy_(master)
-            if self.sharded:
+            if self.sharded and self._shm is None:
                 handles.append(all_gather_into(self.param_buffer[bucket.start:bucket.end], chunk.clone(), self.dp_group,
                                                async_op=True))
+        if self._shm is not None:  # copy the other ranks' updated shards from their buffers
+            self._shm[1].all_gather_([[self._chunk_bounds(b, k) for b in self.buckets] for k in range(self.dp_size)])
         for handle in handles:
             handle.wait()
 

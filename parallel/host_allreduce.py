@@ -151,7 +151,6 @@ class SharedSegment:
                 self.local[bounds[k]:bounds[k + 1]].copy_(parts[k, bounds[k]:bounds[k + 1]])
         self.barrier()  # every rank has read the others' slices: they may write again
 
-
     def reduce_scatter_(self, slices, scale: float) -> None:
         """Collective: for each (start, end, out) of `slices`, `out` (this rank's own memory, not the
         segment's) = the sum over the ranks of `scale` x their `local[start:end]`, in rank order, in
