@@ -14,7 +14,9 @@ same paired, batched sends and receives (see that module), on gloo and NCCL alik
 The model-specific part is `forward_step(model, batch, inputs) -> (output, info)`: `batch` is the
 micro-batch on the stages that read data (the first; the last too when it needs labels), else None; `inputs` the previous stage's
 message (None on the first). On the last stage `output` is the loss; elsewhere it is the message
-for the next stage. `info` counts {"samples", "tokens"}; the first stage's counts are used. On the
+for the next stage. `info` counts {"samples", "tokens"} and may add "flops", the model FLOPs of the
+micro-batch when they vary with it (a text tower trimmed to the longest caption); the first stage's
+counts are used. On the
 last stage `info["metrics"]` may add scalars to log ({name: value}, see TrainingParts.train_metrics).
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ScheduleResult:
     total_seconds: float  # the whole schedule, waits included
     # Sums over micro-batches of the scalars forward_step put in info["metrics"] (last stage).
     metric_sums: dict = field(default_factory=dict)
+    # Model FLOPs of the step's micro-batches when forward_step reports them (data-reading stage); 0: not reported.
+    flops: float = 0.0
 
     @property
     def bubble_fraction(self) -> float:
@@ -70,7 +74,7 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
     warmup = min(stages - stage - 1, m)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
-    counts = {"samples": 0, "tokens": 0}
+    counts = {"samples": 0, "tokens": 0, "flops": 0.0}
     metric_sums = {}
     compute = 0.0
     backwards_done = 0
@@ -93,6 +97,7 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
         if first:
             counts["samples"] += info["samples"]
             counts["tokens"] += info["tokens"]
+            counts["flops"] += info.get("flops", 0.0)
         compute += time.perf_counter() - tic
         return output
 
@@ -141,7 +146,7 @@ def forward_backward(*, model, forward_step, data_iter, num_micro_batches: int, 
         input_grads = backward(done_inputs, done_output, link.recv_backward())
         link.send_backward(input_grads)
     return ScheduleResult(loss_sum, counts["samples"], counts["tokens"], compute, time.perf_counter() - start,
-                          metric_sums)
+                          metric_sums, counts["flops"])
 
 
 @torch.no_grad()

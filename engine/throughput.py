@@ -28,12 +28,15 @@ class ThroughputMeter:
             log.warning("no peak TFLOP/s known for %r: MFU is not reported; set trainer.peak_tflops to the "
                         "device's dense BF16 peak", self.device_name)
 
-    def metrics(self, samples_per_s: float) -> dict:
+    def metrics(self, samples_per_s: float, flops_per_s: float | None = None) -> dict:
         """`tflops_per_gpu` (CUDA) or `tflops_per_rank` (CPU), `mfu` when a peak is known, and
-        `peak_memory_gib` (torch.cuda.max_memory_allocated of this rank) on CUDA."""
+        `peak_memory_gib` (torch.cuda.max_memory_allocated of this rank) on CUDA. `flops_per_s`:
+        the model FLOPs the family counted per micro-batch, per second (all ranks), when the work per
+        sample varies (a trimmed text tower); it replaces flops_per_sample x samples/s."""
         out = {}
         if self.flops_per_sample:
-            tflops = self.flops_per_sample * samples_per_s / self.world_size / 1e12
+            rate = flops_per_s if flops_per_s else self.flops_per_sample * samples_per_s
+            tflops = rate / self.world_size / 1e12
             out["tflops_per_gpu" if self.device.type == "cuda" else "tflops_per_rank"] = tflops
             if self.peak:
                 out["mfu"] = tflops / self.peak

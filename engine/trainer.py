@@ -89,21 +89,22 @@ class Trainer:
         if self.after_step is not None:  # e.g. clamp a learned temperature, advance the family's clock
             self.after_step(self.state.step + 1, result.skipped)
         # The loss lives on the last pipeline stage, the sample counts on the first.
-        totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction] + [0.0] * len(self.train_metrics),
-                              dtype=torch.float64, device=run.loss_sum.device)
+        totals = torch.tensor([0.0, run.samples, run.tokens, run.bubble_fraction, run.flops]
+                              + [0.0] * len(self.train_metrics), dtype=torch.float64, device=run.loss_sum.device)
         totals[0] = run.loss_sum.double() / self.accum
         for i, name in enumerate(self.train_metrics):
-            totals[4 + i] = run.metric_sums.get(name, 0.0) / self.accum
+            totals[5 + i] = run.metric_sums.get(name, 0.0) / self.accum
         if self.link is not None:
             dist.all_reduce(totals, group=self.ctx.pp_group)
         dist.all_reduce(totals, group=self.ctx.dp_group)
         dp, pp = self.ctx.dims.dp, self.ctx.dims.pp
         metrics = {"loss": totals[0].item() / dp, "grad_norm": result.grad_norm, "lr": self.scheduler.lr,
-                   "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item())}
+                   "loss_scale": scale, "samples": int(totals[1].item()), "tokens": int(totals[2].item()),
+                   "flops": totals[4].item()}
         if self.link is not None:  # idle share of the schedule, averaged over stages and replicas
             metrics["pipeline_bubble"] = totals[3].item() / (dp * pp)
         for i, name in enumerate(self.train_metrics):  # last stage only, so summing over stages keeps it
-            metrics[name] = totals[4 + i].item() / dp
+            metrics[name] = totals[5 + i].item() / dp
         return metrics
 
     def _skip_nonfinite(self, grad_norm: float) -> None:
@@ -142,23 +143,25 @@ class Trainer:
         dims = self.ctx.dims
         throughput = ThroughputMeter(self.flops_per_sample, dims.tp * dims.pp * dims.dp, self.ctx.device,
                                      getattr(cfg, "peak_tflops", None), warn=self.ctx.is_logging_rank)
-        window_start, window_samples, window_tokens = time.time(), 0, 0
+        window_start, window_samples, window_tokens, window_flops = time.time(), 0, 0, 0.0
         while self.state.step < cfg.max_steps:
             metrics = self.train_step(data_iter)
             self.state.step += 1
             self.state.samples_seen += metrics["samples"]
             window_samples += metrics["samples"]
             window_tokens += metrics["tokens"]
+            window_flops += metrics.pop("flops")
             step = self.state.step
             if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
                 elapsed = time.time() - window_start
                 steps_in_window = (step - 1) % cfg.log_every_n_steps + 1
                 metrics.update(samples_per_s=window_samples / elapsed, tokens_per_s=window_tokens / elapsed,
                                step_time=elapsed / steps_in_window)
-                metrics.update(throughput.metrics(metrics["samples_per_s"]))  # TFLOP/s, MFU, peak memory
+                # TFLOP/s, MFU, peak memory; the FLOPs forward_step counted, when it did
+                metrics.update(throughput.metrics(metrics["samples_per_s"], window_flops / elapsed or None))
                 self.state.history.append((step, metrics["loss"]))
                 self.progress.log_train(step, metrics)
-                window_start, window_samples, window_tokens = time.time(), 0, 0
+                window_start, window_samples, window_tokens, window_flops = time.time(), 0, 0, 0.0
             at_interval = cfg.val_check_interval > 0 and step % cfg.val_check_interval == 0
             if self.eval_fn is not None and at_interval and step < cfg.max_steps:  # the last one: after saving
                 last_eval = self.eval_fn(step)
