@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--baseline-root", default=None,
                         help="another checkout of the engine (e.g. `git archive` of an older commit) run in "
                              "every round too, as 'engine (baseline)'")
+    parser.add_argument("--with-full-length-text", action="store_true",
+                        help="also run the engine with model.text.trim_to_longest=false: the text tower on the "
+                             "whole 77-token context, as open_clip runs it (the like-for-like kernel comparison)")
     parser.add_argument("--engines-only", action="store_true",
                         help="with --baseline-root: no open_clip runs; the last column compares with the baseline")
     parser.add_argument("--shards", default=os.path.join(ROOT, "data_cache/bench_shapes"))
@@ -95,8 +98,11 @@ def main() -> None:
 
     generate_shapes_dataset(args.shards, **SHARD_SET)
     shard_spec = os.path.join(args.shards, "train-{000000..000007}.tar")
-    engines = [("engine", ROOT)] + ([("engine (baseline)", os.path.abspath(args.baseline_root))]
-                                    if args.baseline_root else [])
+    engines = [("engine", ROOT, [])]
+    if args.with_full_length_text:
+        engines.append(("engine, text at full length", ROOT, ["model.text.trim_to_longest=false"]))
+    if args.baseline_root:
+        engines.append(("engine (baseline)", os.path.abspath(args.baseline_root), []))
     runs = {}  # (model, system, layout) -> [{"step_time_s", "ratio", "loadavg"}] one per round
     for model in args.models.split(","):
         batch = MODELS[model]["batch"]
@@ -112,9 +118,9 @@ def main() -> None:
                                                  "loadavg": os.getloadavg()[0]})
             for tp, dp in LAYOUTS:
                 # the baseline first, so neither version always runs right after open_clip
-                for name, root in reversed(engines) if args.engines_only else engines:
-                    res = run_engine(MODELS[model]["config"], tp * dp, engine_overrides(model, tp, dp), args.steps,
-                                     args.warmup, args.shards, python=sys.executable, root=root)
+                for name, root, extra in reversed(engines) if args.engines_only else engines:
+                    res = run_engine(MODELS[model]["config"], tp * dp, engine_overrides(model, tp, dp) + extra,
+                                     args.steps, args.warmup, args.shards, python=sys.executable, root=root)
                     if ref is None:  # compare with the baseline of this round
                         ref = {"step_time_s": res["step_time_s"]} if name == "engine (baseline)" else ref
                     key = (model, f"{name} (2 ranks x 1 thread)", f"TP={tp} DP={dp}")

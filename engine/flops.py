@@ -87,18 +87,20 @@ def _recompute_forward_flops(tower, layer: dict) -> int:
 CLIP_BACKWARD_PER_FORWARD = {"vision_patch_embedding": 1}
 
 
-def clip_forward_flops(model_cfg, contrastive_batch: int) -> dict:
+def clip_forward_flops(model_cfg, contrastive_batch: int, text_seq_length: int | None = None) -> dict:
     """Forward FLOPs per sample of a `CLIPConfig`, by part.
 
     Vision: patch embedding (a conv of kernel = stride = patch), the layers on num_patches + class
-    tokens, the projection of the pooled token. Text: the layers on the context length, the
-    projection at the end-of-text token. Similarity: image @ text.T over the contrastive batch B,
-    2*B*B*d per micro-batch, so 2*B*d per sample (logits_per_text is its transpose, no second product).
+    tokens, the projection of the pooled token. Text: the layers on `text_seq_length` tokens (default
+    the context length; a tower trimmed to the batch's longest caption runs fewer), the projection at
+    the end-of-text token. Similarity: image @ text.T over the contrastive batch B, 2*B*B*d per
+    micro-batch, so 2*B*d per sample (logits_per_text is its transpose, no second product).
     """
     v, t = model_cfg.vision, model_cfg.text
     dim = model_cfg.output_dim
     v_layer = transformer_layer_flops(v.seq_length, v.hidden_size, v.ffn_hidden_size, v.num_attention_heads)
-    t_layer = transformer_layer_flops(t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size, t.num_attention_heads)
+    t_layer = transformer_layer_flops(text_seq_length or t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size,
+                                      t.num_attention_heads)
     return {
         "vision_patch_embedding": linear_flops(v.num_patches, v.num_channels * v.patch_dim ** 2, v.hidden_size),
         "vision_layers": v.num_layers * sum(v_layer.values()),
@@ -109,28 +111,32 @@ def clip_forward_flops(model_cfg, contrastive_batch: int) -> dict:
     }
 
 
-def clip_recompute_flops(model_cfg) -> int:
+def clip_recompute_flops(model_cfg, text_seq_length: int | None = None) -> int:
     """Forward FLOPs per sample that the towers' activation checkpointing runs again in backward."""
     v, t = model_cfg.vision, model_cfg.text
     v_layer = transformer_layer_flops(v.seq_length, v.hidden_size, v.ffn_hidden_size, v.num_attention_heads)
-    t_layer = transformer_layer_flops(t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size, t.num_attention_heads)
+    t_layer = transformer_layer_flops(text_seq_length or t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size,
+                                      t.num_attention_heads)
     return _recompute_forward_flops(v, v_layer) + _recompute_forward_flops(t, t_layer)
 
 
-def clip_flops_breakdown(model_cfg, contrastive_batch: int, with_recompute: bool = False) -> dict:
+def clip_flops_breakdown(model_cfg, contrastive_batch: int, with_recompute: bool = False,
+                         text_seq_length: int | None = None) -> dict:
     """Training FLOPs (forward + backward) per sample, by part, plus "total"; `with_recompute` adds
     the activation recompute (hardware FLOPs, for HFU rather than MFU)."""
-    forward = clip_forward_flops(model_cfg, contrastive_batch)
+    forward = clip_forward_flops(model_cfg, contrastive_batch, text_seq_length)
     out = {part: flops * (1 + CLIP_BACKWARD_PER_FORWARD.get(part, 2)) for part, flops in forward.items()}
     if with_recompute:
-        out["recompute"] = clip_recompute_flops(model_cfg)
+        out["recompute"] = clip_recompute_flops(model_cfg, text_seq_length)
     out["total"] = sum(out.values())
     return out
 
 
-def clip_flops_per_sample(model_cfg, batch: BatchLayout, with_recompute: bool = False) -> float:
-    """The CLIP family's `flops_per_sample`: model FLOPs of one training sample."""
-    return float(clip_flops_breakdown(model_cfg, batch.contrastive_batch, with_recompute)["total"])
+def clip_flops_per_sample(model_cfg, batch: BatchLayout, with_recompute: bool = False,
+                          text_seq_length: int | None = None) -> float:
+    """The CLIP family's `flops_per_sample`: model FLOPs of one training sample whose text tower
+    ran on `text_seq_length` tokens (default: the whole context)."""
+    return float(clip_flops_breakdown(model_cfg, batch.contrastive_batch, with_recompute, text_seq_length)["total"])
 
 
 # -- decoder-only LLM (Llama-style) ------------------------------------------------------------------

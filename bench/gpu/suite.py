@@ -98,7 +98,9 @@ def engine_config(model: str, batch: int, gpus: int, attention: str = "sdpa", re
     overrides = ["trainer.precision=bf16", "model.megatron_amp_O2=true", f"trainer.micro_batch_size={batch}",
                  f"trainer.global_batch_size={batch * gpus}", "model.text.vocab_size=49408",
                  f"model.attention_backend={attention}", "optim.sched.warmup_steps=0", "data.shuffle_buffer=1000",
-                 *SHARD_OVERRIDES]
+                 # the whole 77-token context, as open_clip runs it: the rows compare kernels and the MFU
+                 # counts the text tower at full length (the shapes' short captions would be trimmed)
+                 "model.text.trim_to_longest=false", *SHARD_OVERRIDES]
     overrides += RECOMPUTE if recompute else []
     return load_config(ExperimentConfig, os.path.join(ROOT, MODELS[model][0]), overrides, BARE_KEYS), overrides
 

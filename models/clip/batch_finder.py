@@ -56,6 +56,7 @@ def synthetic_batch(model_cfg, batch_size: int, vocab_size: int, seed: int = 0) 
     v, t = model_cfg.vision, model_cfg.text
     images = torch.randn(batch_size, v.num_channels, v.img_h, v.img_w, generator=gen)
     tokens = torch.randint(1, max(2, vocab_size - 1), (batch_size, t.encoder_seq_length), generator=gen)
+    # end of text at the last position: the longest a real batch can be, also for a trimmed text tower
     tokens[:, -1] = vocab_size - 1 if t.eot_token_id < 0 else t.eot_token_id
     return {"images": images, "tokens": tokens}
 

@@ -71,6 +71,11 @@ class TextConfig:
     # otherwise the first position holding this id. The training script sets it from the tokenizer.
     eot_token_id: int = -1
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this x TP
+    # Run the tower on each batch's tokens up to its last end-of-text position (rounded up to a
+    # multiple of 8), not on the whole context: the causal mask keeps every pooled token blind to the
+    # padding after it, so the features, loss and gradients are the same (as HF's padding="longest").
+    # Training and encode_text only; a pipelined tower keeps the full length (fixed message shapes).
+    trim_to_longest: bool = True
     # Activation checkpointing (NeMo's keys): granularity full | selective | null; method uniform |
     # block and num_layers for full. selective recomputes core attention only (megatron-core's other
     # selective modules need Transformer Engine).

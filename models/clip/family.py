@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,8 @@ class StepInputs:
 
     clock: object = None
     teacher: torch.nn.Module | None = None
+    # Model FLOPs of one training sample given the text tower's length (engine.flops), or None
+    flops_per_sample: Callable[[int], float] | None = None
 
 
 def clip_forward_step(loss_fn, device, model, batch, inputs=None, *, extras: StepInputs | None = None):
@@ -124,12 +127,16 @@ def clip_forward_step(loss_fn, device, model, batch, inputs=None, *, extras: Ste
     stage, the message for the next stage elsewhere. A loss that needs them gets the batch's sample
     indices and the epoch (FastCLIP) and the teacher's outputs (distillation); under PP the last
     stage reads the batch for them too."""
-    images = tokens = None
+    images = tokens = full_tokens = None
     info = {"samples": 0, "tokens": 0}
     if batch is not None:
-        images, tokens = batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
-        tokens_per_sample = model.cfg.vision.seq_length + tokens.shape[1]
-        info = {"samples": images.shape[0], "tokens": images.shape[0] * tokens_per_sample}
+        full_tokens = batch["tokens"]
+        trimmed = model.trim_text(full_tokens)  # on the host copy: reading the lengths costs no GPU sync
+        images, tokens = batch["images"].to(device, non_blocking=True), trimmed.to(device, non_blocking=True)
+        samples, text_length = images.shape[0], tokens.shape[1]
+        info = {"samples": samples, "tokens": samples * (model.cfg.vision.seq_length + text_length)}
+        if extras is not None and extras.flops_per_sample is not None:
+            info["flops"] = samples * extras.flops_per_sample(text_length)
     out = model.stage_forward(inputs, images, tokens)
     if not model.post_process:
         return out, info
@@ -138,7 +145,9 @@ def clip_forward_step(loss_fn, device, model, batch, inputs=None, *, extras: Ste
     if getattr(loss_fn, "needs_sample_index", False):
         kwargs.update(sample_index=batch["sample_index"].to(device), epoch=extras.clock.epoch)
     if extras is not None and extras.teacher is not None:
-        teacher = teacher_outputs(extras.teacher, images, tokens)
+        # the teacher sees the batch's tokens as they came: its own tower decides what it may drop
+        teacher_tokens = full_tokens.to(device, non_blocking=True) if full_tokens is not None else None
+        teacher = teacher_outputs(extras.teacher, images, teacher_tokens)
         if getattr(loss_fn, "needs_teacher", False):
             kwargs.update(teacher)
     return loss_fn(image, text, model.scale(), **kwargs), info
@@ -400,7 +409,12 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
     samples_per_epoch = (m.loss.samples_per_epoch if m.loss.samples_per_epoch > 0 else data_size) if fast else None
     clock = TrainClock(cfg.trainer.global_batch_size, samples_per_epoch)
-    extras = StepInputs(clock=clock, teacher=teacher)
+
+    def batch_layout() -> BatchLayout:  # read when called: the batch finder may change the micro-batch
+        return BatchLayout(cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)
+
+    extras = StepInputs(clock=clock, teacher=teacher, flops_per_sample=lambda text_length: clip_flops_per_sample(
+        m, batch_layout(), text_seq_length=text_length))
     needs_batch_on_last = getattr(loss_fn, "needs_sample_index", False) or teacher is not None
     reads_data = model.pre_process or (model.post_process and needs_batch_on_last)
     if cfg.batch_finder.enabled:
@@ -446,8 +460,7 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
                          train_loader=train_loader, eval_fn=eval_fn, extra_state=extra_state,
                          summary=partial(data_totals, ctx, train_loader), init_key_map=key_map,
                          after_step=after_step, stop_requested=monitor.stop_requested if monitor else None,
-                         flops_per_sample=clip_flops_per_sample(m, BatchLayout(
-                             cfg.trainer.micro_batch_size, ctx.dims.dp, cfg.trainer.global_batch_size)))
+                         flops_per_sample=clip_flops_per_sample(m, batch_layout()))
 
 
 def data_totals(ctx, train_loader) -> dict:

@@ -90,6 +90,14 @@ class CLIPModel(torch.nn.Module):
                 out["text"], out["eot"] = text, eot
         return out
 
+    def trim_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` cut to the length the text tower needs (`TextTower.trimmed_length`) when
+        model.text.trim_to_longest is on and the whole tower runs on this stage; else unchanged.
+        A pipelined tower keeps the full length: stage messages have one shape per schedule run."""
+        if not (self.cfg.text.trim_to_longest and self.pre_process and self.post_process) or tokens.is_meta:
+            return tokens  # (meta tensors, for shape-only runs, have no values to read)
+        return tokens[:, :self.text.trimmed_length(tokens)]
+
     def _single_stage(self, what: str) -> None:
         if not (self.pre_process and self.post_process):
             raise RuntimeError(f"CLIPModel.{what} runs the whole model; under pipeline parallelism use "
@@ -102,7 +110,7 @@ class CLIPModel(torch.nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         self._single_stage("encode_text")
-        features = self.stage_forward(tokens=tokens)["text_features"]
+        features = self.stage_forward(tokens=self.trim_text(tokens))["text_features"]
         return normalize_features(features) if normalize else features
 
     # Not decayed (open_clip / CLIP practice): gains and biases of norms, all biases, embeddings
@@ -131,7 +139,7 @@ class CLIPModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         self._single_stage("forward")
-        out = self.stage_forward(images=images, tokens=tokens)
+        out = self.stage_forward(images=images, tokens=self.trim_text(tokens))
         return normalize_features(out["image_features"]), normalize_features(out["text_features"]), self.scale()
 
 

@@ -82,6 +82,11 @@ class VisionTower(torch.nn.Module):
         return self.head(self.encode(self.embed(images)))
 
 
+# Trimmed text lengths are rounded up to this: few distinct shapes for kernel and allocator caches,
+# and GPU matrix units want multiples of 8.
+TRIM_MULTIPLE = 8
+
+
 class TextTower(torch.nn.Module):
     """Vocab-parallel token embedding + learned positions -> causal block -> pool at EOT -> proj."""
 
@@ -109,6 +114,16 @@ class TextTower(torch.nn.Module):
         if self.cfg.eot_token_id < 0:
             return tokens.argmax(dim=-1)
         return (tokens == self.cfg.eot_token_id).int().argmax(dim=-1)
+
+    def trimmed_length(self, tokens: torch.Tensor) -> int:
+        """The tokens each row of `tokens` [b, s] needs: up to the batch's last end-of-text position
+        (rounded up to TRIM_MULTIPLE, at most s). Positions after a row's end of text only feed
+        positions after it (causal mask), and the row is pooled at its end of text, so dropping them
+        changes no feature or gradient. Reads the tokens: call it on the host copy (no GPU sync)."""
+        if tokens.shape[1] == 0:
+            return 0
+        longest = int(self.eot_positions(tokens).max()) + 1
+        return min(tokens.shape[1], -(-longest // TRIM_MULTIPLE) * TRIM_MULTIPLE)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.encoder_seq_length:

@@ -30,8 +30,9 @@ from engine.throughput import ThroughputMeter, describe
 REL = 1e-9
 
 
-def counted_clip_flops(cfg, batch: int, device: str, overrides=()):
-    """(forward, backward) FLOPs FlopCounterMode sees for one CLIP training micro-batch."""
+def counted_clip_flops(cfg, batch: int, device: str, overrides=(), eot: int = -1):
+    """(forward, backward) FLOPs FlopCounterMode sees for one CLIP training micro-batch whose
+    longest caption ends at position `eot` (default the last: the whole context)."""
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
 
@@ -39,7 +40,9 @@ def counted_clip_flops(cfg, batch: int, device: str, overrides=()):
         model = CLIPModel(cfg.model, use_cpu_initialization=True, perform_initialization=device != "meta")
         v, t = cfg.model.vision, cfg.model.text
         images = torch.randn(batch, v.num_channels, v.img_h, v.img_w)
-        tokens = torch.randint(0, t.vocab_size, (batch, t.encoder_seq_length))
+        tokens = torch.randint(0, t.vocab_size - 1, (batch, t.encoder_seq_length))
+        ends = [eot % t.encoder_seq_length] + [eot % t.encoder_seq_length // 2] * (batch - 1)
+        tokens[torch.arange(batch), torch.tensor(ends)] = t.vocab_size - 1  # end of text: the largest id
     model.train()
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward:
@@ -60,6 +63,19 @@ def test_clip_formula_matches_flop_counter(single_rank, size, device, batch):
           f"vs {expected_total:.6e}")
     assert math.isclose(fwd, expected_fwd, rel_tol=REL)
     assert math.isclose(bwd, expected_total - expected_fwd, rel_tol=REL)
+
+
+@pytest.mark.parametrize("eot,text_length", [(9, 16), (16, 24), (30, 32)])
+def test_trimmed_text_tower_is_counted_at_its_length(single_rank, eot, text_length):
+    """model.text.trim_to_longest runs the text tower up to the longest caption rounded up to 8 (at
+    most the context, 32 in tiny); the formula at that length counts what actually ran."""
+    cfg = load_config(ExperimentConfig, "configs/clip/tiny.yaml")
+    batch = 4
+    fwd, bwd = counted_clip_flops(cfg, batch, "cpu", eot=eot)
+    expected = clip_flops_per_sample(cfg.model, BatchLayout(batch), text_seq_length=text_length) * batch
+    assert math.isclose(fwd + bwd, expected, rel_tol=REL)
+    full = clip_flops_per_sample(cfg.model, BatchLayout(batch)) * batch
+    assert (fwd + bwd < full) == (text_length < cfg.model.text.encoder_seq_length)
 
 
 def test_similarity_term_grows_with_the_contrastive_batch(single_rank):
@@ -138,6 +154,15 @@ def test_peak_override_gives_mfu_anywhere():
 
 def test_no_flops_no_throughput_metrics():
     assert ThroughputMeter(None, 1, torch.device("cpu")).metrics(100.0) == {}
+
+
+def test_meter_prefers_the_flops_the_family_counted():
+    """A family whose work per sample varies (CLIP's trimmed text tower) reports FLOPs per micro-batch:
+    their rate replaces flops_per_sample x samples/s."""
+    meter = ThroughputMeter(1e12, world_size=2, device=torch.device("cpu"), peak_override=50.0)
+    metrics = meter.metrics(40.0, flops_per_s=30e12)
+    assert metrics["tflops_per_rank"] == pytest.approx(15.0) and metrics["mfu"] == pytest.approx(0.3)
+    assert meter.metrics(40.0, flops_per_s=None)["tflops_per_rank"] == pytest.approx(20.0)
     assert describe({"loss": 1.0}) == ""
 
 
