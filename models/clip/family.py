@@ -407,6 +407,10 @@ def build(cfg, ctx, precision: PrecisionPlan) -> TrainingParts:
         teacher = build_teacher(source, data.tokenizer, ctx, precision, holds=model.post_process,
                                 sequence_parallel=cfg.parallel.sequence_parallel)
     link = StageLink(ctx.device) if ctx.dims.pp > 1 else None  # evaluation's own forward-only link
+    if m.text.trim_to_longest:
+        log.info("text tower: %s", "the whole context under pipeline parallelism (model.text.trim_to_longest needs "
+                 "the tower on one stage)" if ctx.dims.pp > 1 else "each batch up to its longest caption "
+                 "(model.text.trim_to_longest; exact, see models/clip/towers.py)")
     samples_per_epoch = (m.loss.samples_per_epoch if m.loss.samples_per_epoch > 0 else data_size) if fast else None
     clock = TrainClock(cfg.trainer.global_batch_size, samples_per_epoch)
 

@@ -10,7 +10,8 @@ from tests.distributed.harness import run_ranks
 TOL = 1e-5  # absolute and relative, fp32
 
 
-def _run_clip(tp: int, full_state: dict | None, host_shared_memory: bool = True):
+def _run_clip(tp: int, full_state: dict | None, host_shared_memory: bool = True, short_captions: bool = False,
+              trim: bool = True):
     from models.clip.loss import ContrastiveLoss
     from models.clip.model import CLIPModel
     from engine.grad_norm import global_grad_norm
@@ -21,10 +22,16 @@ def _run_clip(tp: int, full_state: dict | None, host_shared_memory: bool = True)
 
     ctx = initialize_parallel(tp, 1, device="cpu", seed=7, host_shared_memory=host_shared_memory)
     cfg = tiny_clip_config()
+    cfg.text.trim_to_longest = trim
     model = CLIPModel(cfg)
     if full_state is not None:
         model.load_state_dict(shard_full_state_dict(full_state, model, ctx.tp_rank, tp), strict=True)
     images, tokens = tiny_batch(6, seed=3, cfg=cfg)
+    if short_captions:  # every end of text before position 7: a trimmed tower runs 8 of the 12 tokens
+        tokens[:, 3:] = torch.where(tokens[:, 3:] == cfg.text.vocab_size - 1, 1, tokens[:, 3:])
+        tokens[torch.arange(6), torch.tensor([3, 6, 4, 5, 3, 6])] = cfg.text.vocab_size - 1
+    text_lengths = []
+    model.text.transformer.register_forward_pre_hook(lambda _m, args: text_lengths.append(args[0].shape[0]))
     image_features, text_features, scale = model(images, tokens)
     loss = ContrastiveLoss(group=ctx.dp_group)(image_features, text_features, scale)
     # Add terms that reach each tower's output directly so a wrong shard cannot hide in the loss.
@@ -32,6 +39,7 @@ def _run_clip(tp: int, full_state: dict | None, host_shared_memory: bool = True)
     reducer = host_allreduce._reducers.get(ctx.tp_group)
     return {
         "host_reducer_calls": reducer.calls if reducer is not None else 0,
+        "text_lengths": text_lengths,
         "state": gather_full_state_dict(model, ctx.tp_group),
         "grads": gather_full_grads(model, ctx.tp_group),
         "image": image_features.detach(),
@@ -78,3 +86,17 @@ def test_tp_all_reduce_through_shared_memory_equals_gloo_bitwise(reference):
             assert torch.equal(a[key], b[key]), key
         for name, grad in b["grads"].items():
             assert torch.equal(a["grads"][name], grad), name
+
+
+def test_tp2_trimmed_text_tower_matches_the_full_context_on_one_process(reference):
+    """model.text.trim_to_longest under TP: both ranks cut the same tokens (each TP rank reads the same
+    batch), and the result is the full-length tower's on one process (same weights, short captions)."""
+    full = run_ranks(1, _run_clip, 1, reference["state"], True, True, False)[0]
+    assert full["text_lengths"] == [12]
+    for res in run_ranks(2, _run_clip, 2, reference["state"], True, True, True):
+        assert res["text_lengths"] == [8]
+        for key in ("image", "text", "loss", "grad_norm"):
+            torch.testing.assert_close(res[key], full[key], atol=TOL, rtol=TOL, msg=key)
+        for name, grad in full["grads"].items():
+            got = res["grads"][name][: grad.shape[0]] if "token_embedding" in name else res["grads"][name]
+            torch.testing.assert_close(got, grad, atol=TOL, rtol=TOL, msg=lambda m: f"{name}: {m}")
