@@ -42,6 +42,8 @@ class TrainingParts:
     # rank calls it once at the end.
     summary: Optional[Callable[[], dict]] = None
     # Training FLOPs of one sample (forward + backward) for TFLOP/s and MFU; None: not reported.
+    # When the work per sample varies, forward_step also reports info["flops"] per micro-batch (CLIP's
+    # trimmed text tower), and the meter uses those instead.
     flops_per_sample: Optional[float] = None
     # How `checkpoint.init_from` names map onto this model (an engine.checkpoint.KeyMap), e.g.
     # base weights into LoRA-wrapped layers; None: the names must match exactly.

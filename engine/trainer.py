@@ -1,6 +1,6 @@
 """A step-based training loop that any model family plugs into through `forward_step`.
 
-`forward_step(model, batch, inputs) -> (loss or message, {"samples": n, "tokens": n})` is the only
+`forward_step(model, batch, inputs) -> (loss or message, {"samples": n, "tokens": n[, "flops": f]})` is the only
 model-specific piece (see `engine.schedules`); gradient accumulation and the pipeline schedule, DP
 averaging, clipping, the optimizer and LR schedule, non-finite steps, logging and evaluation are
 the same for CLIP, the DiT and the VLM.
