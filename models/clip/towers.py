@@ -120,8 +120,8 @@ class TextTower(torch.nn.Module):
         (rounded up to TRIM_MULTIPLE, at most s). Positions after a row's end of text only feed
         positions after it (causal mask), and the row is pooled at its end of text, so dropping them
         changes no feature or gradient. Reads the tokens: call it on the host copy (no GPU sync)."""
-        if tokens.shape[1] == 0:
-            return 0
+        if tokens.numel() == 0:  # no rows (or no positions): nothing to read, keep the shape
+            return tokens.shape[1]
         longest = int(self.eot_positions(tokens).max()) + 1
         return min(tokens.shape[1], -(-longest // TRIM_MULTIPLE) * TRIM_MULTIPLE)
 

@@ -93,6 +93,11 @@ def test_trimmed_length_rounds_up_to_a_multiple_of_8_within_the_context(single_r
     assert model.trim_text(tokens).shape[1] == expected == model.text.trimmed_length(tokens)
 
 
+def test_an_empty_batch_keeps_its_shape(single_rank):
+    model = CLIPModel(tiny_cfg(), use_cpu_initialization=True)
+    assert model.trim_text(torch.zeros(0, 32, dtype=torch.long)).shape == (0, 32)
+
+
 def test_no_trimming_when_off_or_on_a_pipeline_stage(single_rank):
     cfg = tiny_cfg()
     _, tokens = batch_with_ends(cfg, [3, 4])
