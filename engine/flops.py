@@ -87,6 +87,16 @@ def _recompute_forward_flops(tower, layer: dict) -> int:
 CLIP_BACKWARD_PER_FORWARD = {"vision_patch_embedding": 1}
 
 
+def _clip_layer_flops(model_cfg, text_seq_length: int | None) -> tuple[dict, dict]:
+    """Forward FLOPs of one vision and one text layer, by part, per sequence (text: `text_seq_length`
+    tokens, default the context length)."""
+    v, t = model_cfg.vision, model_cfg.text
+    v_layer = transformer_layer_flops(v.seq_length, v.hidden_size, v.ffn_hidden_size, v.num_attention_heads)
+    t_layer = transformer_layer_flops(text_seq_length or t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size,
+                                      t.num_attention_heads)
+    return v_layer, t_layer
+
+
 def clip_forward_flops(model_cfg, contrastive_batch: int, text_seq_length: int | None = None) -> dict:
     """Forward FLOPs per sample of a `CLIPConfig`, by part.
 
@@ -98,9 +108,7 @@ def clip_forward_flops(model_cfg, contrastive_batch: int, text_seq_length: int |
     """
     v, t = model_cfg.vision, model_cfg.text
     dim = model_cfg.output_dim
-    v_layer = transformer_layer_flops(v.seq_length, v.hidden_size, v.ffn_hidden_size, v.num_attention_heads)
-    t_layer = transformer_layer_flops(text_seq_length or t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size,
-                                      t.num_attention_heads)
+    v_layer, t_layer = _clip_layer_flops(model_cfg, text_seq_length)
     return {
         "vision_patch_embedding": linear_flops(v.num_patches, v.num_channels * v.patch_dim ** 2, v.hidden_size),
         "vision_layers": v.num_layers * sum(v_layer.values()),
@@ -113,11 +121,8 @@ def clip_forward_flops(model_cfg, contrastive_batch: int, text_seq_length: int |
 
 def clip_recompute_flops(model_cfg, text_seq_length: int | None = None) -> int:
     """Forward FLOPs per sample that the towers' activation checkpointing runs again in backward."""
-    v, t = model_cfg.vision, model_cfg.text
-    v_layer = transformer_layer_flops(v.seq_length, v.hidden_size, v.ffn_hidden_size, v.num_attention_heads)
-    t_layer = transformer_layer_flops(text_seq_length or t.encoder_seq_length, t.hidden_size, t.ffn_hidden_size,
-                                      t.num_attention_heads)
-    return _recompute_forward_flops(v, v_layer) + _recompute_forward_flops(t, t_layer)
+    v_layer, t_layer = _clip_layer_flops(model_cfg, text_seq_length)
+    return _recompute_forward_flops(model_cfg.vision, v_layer) + _recompute_forward_flops(model_cfg.text, t_layer)
 
 
 def clip_flops_breakdown(model_cfg, contrastive_batch: int, with_recompute: bool = False,

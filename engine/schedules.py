@@ -16,8 +16,8 @@ micro-batch on the stages that read data (the first; the last too when it needs 
 message (None on the first). On the last stage `output` is the loss; elsewhere it is the message
 for the next stage. `info` counts {"samples", "tokens"} and may add "flops", the model FLOPs of the
 micro-batch when they vary with it (a text tower trimmed to the longest caption); the first stage's
-counts are used. On the
-last stage `info["metrics"]` may add scalars to log ({name: value}, see TrainingParts.train_metrics).
+counts are used. On the last stage `info["metrics"]` may add scalars to log ({name: value}, see
+TrainingParts.train_metrics).
 """
 from __future__ import annotations
 

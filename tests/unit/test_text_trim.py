@@ -4,8 +4,8 @@ The claim is exactness: a causal tower pooled at the end of text never lets a po
 the padding after it, so features, loss and every gradient are those of the full context. Checked
 on the tiny config (context 32) with the same weights and batch both ways; fp32, tolerance 1e-5
 absolute on features and loss, and on each gradient 1e-5 of its largest element (the shorter run
-only sums the same terms in another order: 2e-6 of it seen). Each check also asserts the tower really ran shorter, so a switch that
-silently did nothing would fail.
+only sums the same terms in another order: 2e-6 of it seen). Each check also asserts the tower
+really ran shorter, so a switch that silently did nothing would fail.
 """
 import pytest
 import torch
